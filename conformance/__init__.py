@@ -1,0 +1,1 @@
+"""The shipped conformance suite (installed as ``pytest_gpuconform.conformance``)."""

@@ -1,0 +1,172 @@
+"""Everything the plugin does in an enabled run, as one plugin object per pytest process.
+
+Registered by plugin.py only under ``--gpuconform``. It owns the run's settings (resolved
+from CLI and ini once), the node inventory, and the collection-time decisions: which
+parameters exist, which are skipped and why, and which JUnit properties each test carries.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from . import inventory, options, parametrize, tolerances
+from .requirements import (
+    dtype_shortfall,
+    gpu_capability_shortfall,
+    gpu_count_shortfall,
+    gpu_need,
+)
+from .suite import suite_dir
+
+STATE_KEY: pytest.StashKey["GpuconformSession"] = pytest.StashKey()
+
+# Properties the plugin itself attaches to every test case; everything else a test
+# records is a measurement and shows in the terminal summary.
+STANDARD_PROPERTIES = ("feature", "device", "dtype", "world_size", "backend")
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+class GpuconformSession:
+    PLUGIN_NAME = "gpuconform-session"
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        config.stash[STATE_KEY] = self
+        self.expect_gpus = options.ini_or_option(config, "gpuconform_expect_gpus", options.non_negative_int, 0)
+        self.cpu_ranks = options.ini_or_option(
+            config, "gpuconform_cpu_ranks", options.positive_int, max(2, os.cpu_count() or 1)
+        )
+        self.timeout = options.ini_or_option(config, "gpuconform_timeout", options.positive_float, 120.0)
+        try:
+            self.tolerances = tolerances.build_table(
+                list(config.getini("gpuconform_tolerances")) + list(config.getoption("gpuconform_tolerance"))
+            )
+        except tolerances.BadTolerance as exc:
+            raise pytest.UsageError(str(exc)) from None
+        self.inventory = inventory.collect()
+        self.measurements: list[tuple[str, list[tuple[str, object]]]] = []
+        self._check_xdist(config)
+        if config.args_source != pytest.Config.ArgsSource.ARGS:
+            config.args[:] = [str(suite_dir())]
+
+    @property
+    def node(self):
+        return self.inventory.node
+
+    def _check_xdist(self, config: pytest.Config) -> None:
+        workers = getattr(config.option, "numprocesses", None)
+        if not isinstance(workers, int) or workers <= 0 or _is_xdist_worker(config):
+            return
+        gpus = self.node.count
+        if gpus and workers > gpus:
+            raise pytest.UsageError(
+                f"-n {workers} on a node with {gpus} visible GPU(s) would make workers share GPUs; "
+                f"use -n auto (one worker per GPU) or -n {gpus} or fewer"
+            )
+
+    # -- header -----------------------------------------------------------------------
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        lines = self.inventory.header_lines()
+        if self.expect_gpus:
+            lines.append(f"gpuconform: strict acceptance: expecting >= {self.expect_gpus} GPU(s)")
+        return lines
+
+    # -- collection ---------------------------------------------------------------------
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        parametrize.generate(metafunc)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session, config, items) -> None:
+        for item in items:
+            self._annotate(item)
+            self._apply_requirements(item)
+
+    def _annotate(self, item: pytest.Item) -> None:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        module = getattr(item, "module", None)
+        feature = (module.__name__.rsplit(".", 1)[-1] if module else item.name).removeprefix("test_")
+        props = [("feature", feature)]
+        if "device" in params:
+            props.append(("device", params["device"]))
+        if "dtype" in params:
+            props.append(("dtype", params["dtype"]))
+        if "world_size" in params:
+            props.append(("world_size", params["world_size"]))
+            props.append(("backend", "nccl" if params.get("device") == "cuda" else "gloo"))
+        item.user_properties[:0] = props
+
+    def gpu_reason(self, item: pytest.Item) -> tuple[str | None, bool]:
+        """(reason this item cannot run here, whether the reason is missing GPUs)."""
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        need = gpu_need(item.get_closest_marker("gpu"), item.nodeid)
+        device = params.get("device")
+        ranks = params.get("world_size") or 1
+        n = max(need.n if need else 0, ranks if device == "cuda" else 0)
+        if n:
+            reason = gpu_count_shortfall(self.node, n)
+            if reason:
+                return reason, True
+        if need:
+            reason = gpu_capability_shortfall(self.node, need)
+            if reason:
+                return reason, False
+        if "dtype" in params and device:
+            reason = dtype_shortfall(self.node, params["dtype"], device, max(n, 1))
+            if reason:
+                return reason, False
+        if device == "cpu" and "world_size" in params and ranks > self.cpu_ranks:
+            return (f"needs {ranks} gloo ranks; this CPU node hosts at most {self.cpu_ranks} "
+                    f"(--gpuconform-cpu-ranks)"), False
+        return None, False
+
+    def _apply_requirements(self, item: pytest.Item) -> None:
+        reason, missing_gpus = self.gpu_reason(item)
+        if reason is None:
+            return
+        if missing_gpus and self.node.count < self.expect_gpus:
+            item.stash[STRICT_FAILURE] = (
+                f"strict acceptance (--gpuconform-expect-gpus {self.expect_gpus}): {reason}"
+            )
+        else:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        message = item.stash.get(STRICT_FAILURE, None)
+        if message:
+            pytest.fail(message, pytrace=False)
+
+    # -- reports ------------------------------------------------------------------------
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if _is_xdist_worker(self.config):
+            return
+        from . import junit_suite
+
+        junit_suite.add_suite_properties(self.config, self.inventory.properties())
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        measured = [(k, v) for k, v in report.user_properties if k not in STANDARD_PROPERTIES]
+        if measured:
+            self.measurements.append((report.nodeid, measured))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.measurements:
+            return
+        terminalreporter.section("gpuconform measurements")
+        for nodeid, measured in self.measurements:
+            values = ", ".join(f"{k}={_short(v)}" for k, v in measured)
+            terminalreporter.write_line(f"{nodeid}: {values}")
+
+
+STRICT_FAILURE: pytest.StashKey[str] = pytest.StashKey()
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
