@@ -51,6 +51,10 @@ class GpuconformSession:
         self.inventory = inventory.collect()
         self.measurements: list[tuple[str, list[tuple[str, object]]]] = []
         self._check_xdist(config)
+        from .engine.pytest_bridge import RankEngine
+
+        self.engine = RankEngine(self.timeout, bool(config.getoption("gpuconform_fresh_ranks")))
+        config.pluginmanager.register(self.engine, RankEngine.PLUGIN_NAME)
         if config.args_source != pytest.Config.ArgsSource.ARGS:
             config.args[:] = [str(suite_dir())]
 

@@ -1,0 +1,156 @@
+"""Route tests to rank processes and turn what the ranks did into pytest outcomes.
+
+A test goes to the ranks when it has a ``world_size`` parameter (N ranks with a process
+group) or when it needs a GPU (one worker rank, no process group): the pytest controller
+never creates a CUDA context itself. Everything else runs in the pytest process as usual.
+
+Pools of ranks are kept per (world size, backend, device kind) and reused until a test
+fails, times out or crashes in them, or fresh ranks are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+
+import pytest
+
+from .messages import RunTest
+from .rank_fixtures import RANK_SIDE
+from .rank_pool import RankPool, RankStartError
+from .verdict import Verdict, judge
+
+START_DEADLINE_FLOOR = 120.0  # spawning ranks imports torch; slow shared nodes need a while
+
+
+def _params(item: pytest.Item) -> dict:
+    return getattr(getattr(item, "callspec", None), "params", {})
+
+
+def pool_key(item: pytest.Item) -> tuple[int, str | None, str] | None:
+    """(world size, backend, device kind) this item runs on, or None for in-process."""
+    params = _params(item)
+    device = params.get("device") or ("cuda" if item.get_closest_marker("gpu") else "cpu")
+    if "world_size" in params:
+        return params["world_size"], ("nccl" if device == "cuda" else "gloo"), device
+    if device == "cuda":
+        return 1, None, "cuda"
+    return None
+
+
+def _seed(nodeid: str) -> int:
+    return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:4], "little")
+
+
+class UnsendableFixture(Exception):
+    pass
+
+
+def controller_kwargs(item: pytest.Function) -> tuple[dict, tuple[str, ...]]:
+    """Fixture values resolved here and pickled to the ranks, plus the names ranks provide."""
+    kwargs, rank_side = {}, []
+    for name in item._fixtureinfo.argnames:
+        if name in RANK_SIDE:
+            rank_side.append(name)
+            continue
+        value = item.funcargs[name]
+        try:
+            pickle.dumps(value)
+        except Exception as exc:
+            raise UnsendableFixture(
+                f"fixture {name!r} of {item.nodeid} has a value of type {type(value).__name__} that cannot be "
+                f"sent to the rank processes ({type(exc).__name__}: {exc}); multi-rank tests can only "
+                f"receive picklable fixture values (paths, numbers, strings, tensors, dataclasses)"
+            ) from None
+        kwargs[name] = value
+    return kwargs, tuple(rank_side)
+
+
+def build_request(item: pytest.Function) -> RunTest:
+    import sys
+
+    kwargs, rank_side = controller_kwargs(item)
+    module = item.module
+    qualname = item.originalname if item.cls is None else f"{item.cls.__qualname__}.{item.originalname}"
+    return RunTest(
+        nodeid=item.nodeid, module_name=module.__name__, module_file=module.__file__, function=qualname,
+        kwargs=kwargs, rank_fixtures=rank_side, sys_path=tuple(sys.path), seed=_seed(item.nodeid),
+        dtype_name=_params(item).get("dtype"),
+    )
+
+
+class RankEngine:
+    """The pytest-facing side of the engine (one per pytest process)."""
+
+    PLUGIN_NAME = "gpuconform-engine"
+
+    def __init__(self, timeout: float, fresh: bool) -> None:
+        self.timeout = timeout
+        self.fresh = fresh
+        self.pools: dict[tuple, RankPool] = {}
+        self.starts = 0
+
+    def _timeout_of(self, item: pytest.Item) -> float:
+        marker = item.get_closest_marker("world_size")
+        value = marker.kwargs.get("timeout") if marker else None
+        return float(value) if value else self.timeout
+
+    def _fresh_for(self, item: pytest.Item) -> bool:
+        marker = item.get_closest_marker("world_size")
+        return self.fresh or bool(marker and marker.kwargs.get("fresh"))
+
+    def pool_for(self, key: tuple, timeout: float) -> RankPool:
+        pool = self.pools.get(key)
+        if pool is not None and pool.alive:
+            return pool
+        if pool is not None:
+            pool.kill()
+        world_size, backend, device_kind = key
+        pool = RankPool(world_size, backend, device_kind, pg_timeout=timeout + 60.0)
+        pool.start(deadline_seconds=max(START_DEADLINE_FLOOR, timeout))
+        self.starts += 1
+        self.pools[key] = pool
+        return pool
+
+    def discard(self, key: tuple) -> None:
+        pool = self.pools.pop(key, None)
+        if pool is not None:
+            pool.kill()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_pyfunc_call(self, pyfuncitem: pytest.Function):
+        key = pool_key(pyfuncitem)
+        if key is None:
+            return None
+        try:
+            request = build_request(pyfuncitem)
+        except UnsendableFixture as exc:
+            pytest.fail(str(exc), pytrace=False)
+        timeout = self._timeout_of(pyfuncitem)
+        try:
+            pool = self.pool_for(key, timeout)
+        except RankStartError as exc:
+            self.discard(key)
+            pytest.fail(f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]}): {exc}",
+                        pytrace=False)
+        result = pool.run(request, timeout)
+        verdict = judge(result, key[0], timeout)
+        if not verdict.reusable or self._fresh_for(pyfuncitem):
+            self.discard(key)
+        self._report(pyfuncitem, result.output, verdict)
+        return True
+
+    def _report(self, item: pytest.Function, output: dict[int, str], verdict: Verdict) -> None:
+        for rank in sorted(output):
+            if output[rank].strip():
+                item.add_report_section("call", "stdout", f"[rank {rank}]\n{output[rank]}")
+        item.user_properties.extend(verdict.records)
+        if verdict.outcome == "skipped":
+            pytest.skip(verdict.headline)
+        if verdict.outcome == "failed":
+            pytest.fail(verdict.longrepr(), pytrace=False)
+
+    def pytest_sessionfinish(self) -> None:
+        for key in list(self.pools):
+            pool = self.pools.pop(key)
+            pool.close()

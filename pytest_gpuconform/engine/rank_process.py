@@ -1,0 +1,177 @@
+"""The loop one rank process runs.
+
+A rank starts once, redirects its output to a per-rank log (the controller shows each
+test's slice of it), arms faulthandler so the controller can ask for its Python stack with
+SIGUSR1 even while it is blocked inside a collective, initialises the process group, and
+then runs tests as they arrive until told to stop. Between tests it restores the global
+torch state it started with, so one test cannot leak a default dtype, autocast or seed
+into the next.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+from .messages import RankReport, Ready, RunTest, StartupFailed
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    rank: int
+    world_size: int
+    backend: str | None  # "gloo" | "nccl" | None (no process group: single-device worker)
+    device_kind: str  # "cpu" | "cuda"
+    store_path: str
+    log_path: str
+    stack_path: str
+    pg_timeout: float
+    sys_path: tuple[str, ...]
+
+
+def _redirect_output(log_path: str) -> None:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
+class _GlobalState:
+    """The torch globals a test may change, captured at start-up and restored per test."""
+
+    def __init__(self, torch) -> None:
+        self.torch = torch
+        self.default_dtype = torch.get_default_dtype()
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+        self.matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        self.cudnn_tf32 = torch.backends.cudnn.allow_tf32
+
+    def restore(self, seed: int, device_kind: str) -> None:
+        torch = self.torch
+        import random
+
+        random.seed(seed)
+        torch.manual_seed(seed)
+        torch.set_default_dtype(self.default_dtype)
+        torch.set_grad_enabled(True)
+        torch.use_deterministic_algorithms(self.deterministic)
+        torch.backends.cuda.matmul.allow_tf32 = self.matmul_tf32
+        torch.backends.cudnn.allow_tf32 = self.cudnn_tf32
+        for kind in ("cpu", "cuda"):
+            try:
+                torch.set_autocast_enabled(kind, False)
+            except (TypeError, RuntimeError):
+                pass
+        if device_kind == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
+def _device(torch, spec: RankSpec):
+    if spec.device_kind == "cuda":
+        index = spec.rank % max(1, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def _init_process_group(torch, spec: RankSpec) -> None:
+    if spec.backend is None:
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.FileStore(spec.store_path, spec.world_size)
+    dist.init_process_group(
+        spec.backend, store=store, rank=spec.rank, world_size=spec.world_size,
+        timeout=timedelta(seconds=spec.pg_timeout),
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _plain(value):
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def run_one(request: RunTest, spec: RankSpec, state: _GlobalState, device) -> RankReport:
+    from _pytest.outcomes import Failed, Skipped
+
+    from . import module_loader, rank_fixtures
+
+    records: list = []
+    started = time.perf_counter()
+    for entry in request.sys_path:
+        if entry not in sys.path:
+            sys.path.append(entry)
+    try:
+        state.restore(request.seed, spec.device_kind)
+        module = module_loader.load(request.module_name, request.module_file)
+        function = module_loader.resolve(module, request.function)
+        kwargs = dict(request.kwargs)
+        kwargs.update(rank_fixtures.provide(request.rank_fixtures, spec, device, records, request))
+        function(**kwargs)
+        outcome, message, text = "passed", "", ""
+    except Skipped as exc:
+        outcome, message, text = "skipped", str(exc.msg), ""
+    except Failed as exc:
+        outcome, message, text = "failed", f"Failed: {exc.msg}".splitlines()[0], str(exc.msg)
+    except BaseException as exc:  # everything a test raises is reported, KeyboardInterrupt included
+        outcome, message = "failed", _short(exc)
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return RankReport(spec.rank, outcome, message=message, traceback=text,
+                      records=[(k, _plain(v)) for k, v in records], duration=time.perf_counter() - started)
+
+
+def main(spec: RankSpec, conn) -> None:
+    """Entry point of the spawned rank process."""
+    _redirect_output(spec.log_path)
+    stack_file = open(spec.stack_path, "a", buffering=1)
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True, chain=False)
+    os.environ.update(RANK=str(spec.rank), LOCAL_RANK=str(spec.rank), WORLD_SIZE=str(spec.world_size))
+    for entry in spec.sys_path:
+        if entry not in sys.path:
+            sys.path.append(entry)
+    started = time.perf_counter()
+    try:
+        import torch
+
+        device = _device(torch, spec)
+        _init_process_group(torch, spec)
+        state = _GlobalState(torch)
+    except BaseException:
+        conn.send(StartupFailed(spec.rank, traceback.format_exc()))
+        return
+    conn.send(Ready(spec.rank, os.getpid(), time.perf_counter() - started))
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # controller went away
+            break
+        if request is None:
+            break
+        conn.send(run_one(request, spec, state, device))
+    if spec.backend is not None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

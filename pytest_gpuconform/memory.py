@@ -1,0 +1,166 @@
+"""Measure how many bytes a piece of PyTorch code keeps alive, on any device.
+
+Activation-memory savings (checkpointing, autocast) are asserted as ratios of two runs in
+one process, so the meter must count exactly what a variant keeps, on CPU too, where the
+allocator keeps no statistics. A ``TorchDispatchMode`` sees every tensor an op creates;
+weak references to the storages tell it when they die. This counts what selective
+checkpointing caches outside the autograd graph, which ``saved_tensors_hooks`` counters
+miss. On CUDA the caching allocator's own counters are read as well, as a second opinion
+that also sees allocations made outside the dispatcher (cuBLAS workspaces, NCCL buffers).
+
+Only storages created while the meter is active are counted, so the baseline at start is
+zero by construction: parameters and inputs that already exist cost nothing, and a view or
+an in-place op on them costs nothing either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator
+
+
+def _dispatch_mode_base():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+@dataclass
+class _Tracked:
+    nbytes: int
+
+
+@dataclass
+class MemoryReading:
+    """What one ``MemoryMeter.track`` block measured, in bytes above the start.
+
+    ``live_bytes`` and ``cuda_allocated_bytes`` are read at access time, so reading them in
+    the middle of the block (e.g. right after forward) gives the state at that moment.
+    """
+
+    device: object
+    _tracker: object = field(repr=False)
+    cuda_start_bytes: int | None = None
+    cuda_peak_bytes: int | None = None  # set when the block ends
+
+    @property
+    def live_bytes(self) -> int:
+        """Bytes of storages created since the start that are still alive."""
+        return self._tracker.current
+
+    @property
+    def peak_bytes(self) -> int:
+        """Most bytes that were alive at once since the start (dispatch-mode count)."""
+        return self._tracker.peak
+
+    @property
+    def cuda_allocated_bytes(self) -> int | None:
+        """CUDA caching allocator: allocated bytes now minus at the start (None off CUDA)."""
+        if self.cuda_start_bytes is None:
+            return None
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.memory_allocated(self.device) - self.cuda_start_bytes
+
+
+class _LiveStorageCounter:
+    """Counts bytes of storages created under the mode; frees arrive through weakrefs.
+
+    Built lazily (the class derives from TorchDispatchMode, so torch must be importable).
+    """
+
+    _cls = None
+
+    @classmethod
+    def create(cls):
+        if cls._cls is None:
+            cls._cls = _make_counter_class(_dispatch_mode_base())
+        return cls._cls()
+
+
+def _make_counter_class(base):
+    import torch
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    def _storage(t):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.is_sparse:
+            return None
+        try:
+            return t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses, nested)
+            return None
+
+    class LiveStorageCounter(base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.current = 0
+            self.peak = 0
+            self._tracked = WeakIdKeyDictionary()
+            self._lock = threading.Lock()  # autograd may run backward on device threads
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {id(s) for s in map(_storage, tree_leaves((args, kwargs))) if s is not None}
+            for leaf in tree_leaves(out):
+                st = _storage(leaf)
+                if st is not None:
+                    self._account(st, inputs)
+            return out
+
+        def _account(self, st, input_ids) -> None:
+            nbytes = st.nbytes()
+            with self._lock:
+                entry = self._tracked.get(st)
+                if entry is not None:  # ours already: an in-place op may have resized it
+                    self._add(nbytes - entry.nbytes)
+                    entry.nbytes = nbytes
+                    return
+                if id(st) in input_ids:  # a view or in-place result of storage made before us
+                    return
+                entry = _Tracked(nbytes)
+                self._tracked[st] = entry
+                # The callback must not hold the storage; it holds the entry, whose size
+                # may change later.
+                weakref.finalize(st, self._release, entry)
+                self._add(nbytes)
+
+        def _release(self, entry: _Tracked) -> None:
+            with self._lock:
+                self._add(-entry.nbytes)
+
+        def _add(self, delta: int) -> None:
+            self.current += delta
+            if self.current > self.peak:
+                self.peak = self.current
+
+    return LiveStorageCounter
+
+
+class MemoryMeter:
+    """``with meter.track(device) as m: ...`` then read ``m.live_bytes``, ``m.peak_bytes``.
+
+    Stateless and picklable, so a fixture can hand it to rank processes.
+    """
+
+    @contextlib.contextmanager
+    def track(self, device=None) -> Iterator[MemoryReading]:
+        import torch
+
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        counter = _LiveStorageCounter.create()
+        reading = MemoryReading(device=device, _tracker=counter)
+        on_cuda = device.type == "cuda"
+        if on_cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            reading.cuda_start_bytes = torch.cuda.memory_allocated(device)
+        with counter:
+            yield reading
+        if on_cuda:
+            torch.cuda.synchronize(device)
+            reading.cuda_peak_bytes = torch.cuda.max_memory_allocated(device) - reading.cuda_start_bytes
