@@ -28,6 +28,9 @@ def device(request: pytest.FixtureRequest):
     import torch
 
     name = getattr(request, "param", "cpu")
+    cluster = _state(request).cluster
+    if cluster is not None:
+        return cluster.device() if name == ("cuda" if cluster.backend == "nccl" else "cpu") else torch.device(name)
     return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu")
 
 
@@ -46,9 +49,18 @@ def world_size(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.fixture
-def rank() -> int:
-    """This process's rank (0 outside multi-rank tests)."""
-    return 0
+def rank(request: pytest.FixtureRequest) -> int:
+    """This process's rank (0 outside multi-rank tests; the launcher's rank in cluster mode)."""
+    cluster = _state(request).cluster
+    return cluster.world.rank if cluster is not None else 0
+
+
+@pytest.fixture
+def process_group(request: pytest.FixtureRequest):
+    """The default process group of a multi-rank test (None outside one)."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ CUDA call is made; GPU facts come from NVML (see nvml.py).
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def collect(node: nvml.NodeGpus | None = None) -> Inventory:
     node = nvml.query() if node is None else node
     torch_version, torch_cuda, cudnn, nccl, gloo = _torch_versions()
     return Inventory(
-        host=socket.gethostname(),
+        host=os.environ.get("GPUCONFORM_HOST") or socket.gethostname(),
         python=platform.python_version(),
         torch=torch_version,
         torch_cuda=torch_cuda,

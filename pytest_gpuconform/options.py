@@ -84,6 +84,20 @@ def add_options(parser: pytest.Parser) -> None:
         help="Override a tolerance, e.g. 'bf16:rtol=2e-2,rel_l2=1e-2'. Repeatable; wins over "
         "ini gpuconform_tolerances.",
     )
+    group.addoption(
+        "--gpuconform-cluster",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Cluster mode (one pytest per rank, launched by torchrun or srun): auto detects torchrun, "
+        "and srun with more than one task per node; on/off force it. Default: auto.",
+    )
+    group.addoption(
+        "--gpuconform-cluster-junit",
+        default=None,
+        metavar="PATH",
+        help="Cluster mode: where rank 0 writes the merged JUnit file "
+        "(default: junit-cluster.xml beside the per-rank --junitxml files).",
+    )
     parser.addini("gpuconform", "Enable the plugin as if --gpuconform was given.", type="bool", default=False)
     parser.addini("gpuconform_expect_gpus", "Minimum number of GPUs this node must have.", default="")
     parser.addini("gpuconform_cpu_ranks", "Gloo ranks a CPU node may host.", default="")
@@ -94,6 +108,9 @@ def add_options(parser: pytest.Parser) -> None:
         type="linelist",
         default=[],
     )
+    from .baseline import add_health_options  # issue 7: performance floors and baselines
+
+    add_health_options(group, parser)
 
 
 def ini_or_option(config: pytest.Config, name: str, parse, default):

@@ -44,6 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     config.pluginmanager.register(GpuconformSession(config), GpuconformSession.PLUGIN_NAME)
     config.pluginmanager.import_plugin("pytest_gpuconform.fixtures")
+    config.pluginmanager.import_plugin("pytest_gpuconform.health_watch")  # issue 7
+    config.pluginmanager.import_plugin("pytest_gpuconform.baseline")  # issue 7
 
 
 # xdist decides the worker count in pytest_cmdline_main, before pytest_configure, so these

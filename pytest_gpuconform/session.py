@@ -12,6 +12,7 @@ import os
 import pytest
 
 from . import inventory, options, parametrize, tolerances
+from .engine import cluster
 from .requirements import (
     dtype_shortfall,
     gpu_capability_shortfall,
@@ -49,11 +50,19 @@ class GpuconformSession:
         except tolerances.BadTolerance as exc:
             raise pytest.UsageError(str(exc)) from None
         self.inventory = inventory.collect()
+        self.cluster_world = cluster.detect(mode=config.getoption("gpuconform_cluster"))
+        self.cluster = None
+        self._template_junit_path(config)
         self.measurements: list[tuple[str, list[tuple[str, object]]]] = []
         self._check_xdist(config)
         from .engine.pytest_bridge import RankEngine
 
         self.engine = RankEngine(self.timeout, bool(config.getoption("gpuconform_fresh_ranks")))
+        if self.cluster_world is not None:
+            self.engine.enabled = False
+            backend = "nccl" if self.node.count else "gloo"
+            self.cluster = cluster.ClusterSession(self.cluster_world, backend, self.timeout, self.junit_template)
+            config.pluginmanager.register(self.cluster, cluster.ClusterSession.PLUGIN_NAME)
         config.pluginmanager.register(self.engine, RankEngine.PLUGIN_NAME)
         if config.args_source != pytest.Config.ArgsSource.ARGS:
             config.args[:] = [str(suite_dir())]
@@ -62,10 +71,25 @@ class GpuconformSession:
     def node(self):
         return self.inventory.node
 
+    def _template_junit_path(self, config: pytest.Config) -> None:
+        """Expand {host} and {rank} in --junitxml (the shell cannot, under torchrun)."""
+        self.junit_template = getattr(config.option, "xmlpath", None)
+        if not self.junit_template:
+            return
+        world = self.cluster_world
+        host = world.host if world else self.inventory.host
+        config.option.xmlpath = cluster.template_path(self.junit_template, host, world.rank if world else 0)
+
     def _check_xdist(self, config: pytest.Config) -> None:
         workers = getattr(config.option, "numprocesses", None)
         if not isinstance(workers, int) or workers <= 0 or _is_xdist_worker(config):
             return
+        if self.cluster_world is not None:
+            raise pytest.UsageError(
+                f"-n {workers} cannot be combined with cluster mode ({self.cluster_world.launcher} started "
+                f"{self.cluster_world.world_size} ranks): every rank must run the same tests in the same order; "
+                "drop -n (or pass --gpuconform-cluster off for independent per-node runs)"
+            )
         gpus = self.node.count
         if gpus and workers > gpus:
             raise pytest.UsageError(
@@ -110,6 +134,8 @@ class GpuconformSession:
         need = gpu_need(item.get_closest_marker("gpu"), item.nodeid)
         device = params.get("device")
         ranks = params.get("world_size") or 1
+        if self.cluster is not None and "world_size" in params:
+            return self._cluster_reason(ranks, device), False
         n = max(need.n if need else 0, ranks if device == "cuda" else 0)
         if n:
             reason = gpu_count_shortfall(self.node, n)
@@ -127,6 +153,16 @@ class GpuconformSession:
             return (f"needs {ranks} gloo ranks; this CPU node hosts at most {self.cpu_ranks} "
                     f"(--gpuconform-cpu-ranks)"), False
         return None, False
+
+    def _cluster_reason(self, ranks: int, device: str | None) -> str | None:
+        world = self.cluster.world
+        if ranks != world.world_size:
+            return (f"needs world size {ranks}; {world.launcher} launched {world.world_size} ranks "
+                    "(cluster mode runs only tests whose size equals the launched world)")
+        wanted = "cuda" if self.cluster.backend == "nccl" else "cpu"
+        if device != wanted:
+            return f"cluster world uses {self.cluster.backend} ({wanted}); the {device} variant runs in per-node mode"
+        return None
 
     def _apply_requirements(self, item: pytest.Item) -> None:
         reason, missing_gpus = self.gpu_reason(item)
@@ -152,6 +188,22 @@ class GpuconformSession:
         from . import junit_suite
 
         junit_suite.add_suite_properties(self.config, self.inventory.properties())
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.cluster is None:
+            return
+        from .engine import cluster_report
+
+        reports = self.cluster.gather_reports(getattr(self.config.option, "xmlpath", None))
+        if reports and self.junit_template:
+            target = self.config.getoption("gpuconform_cluster_junit") or cluster.merged_path(self.junit_template)
+            cluster_report.write(cluster_report.merge(reports), target)
+            self.merged_junit = target
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call":

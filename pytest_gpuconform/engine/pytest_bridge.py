@@ -89,6 +89,7 @@ class RankEngine:
         self.fresh = fresh
         self.pools: dict[tuple, RankPool] = {}
         self.starts = 0
+        self.enabled = True  # off in cluster mode: the launcher's ranks run bodies in-process
 
     def _timeout_of(self, item: pytest.Item) -> float:
         marker = item.get_closest_marker("world_size")
@@ -119,7 +120,7 @@ class RankEngine:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_pyfunc_call(self, pyfuncitem: pytest.Function):
-        key = pool_key(pyfuncitem)
+        key = pool_key(pyfuncitem) if self.enabled else None
         if key is None:
             return None
         try:
