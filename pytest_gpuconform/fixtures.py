@@ -66,7 +66,11 @@ def process_group(request: pytest.FixtureRequest):
 @pytest.fixture
 def gpu(request: pytest.FixtureRequest):
     """NVML facts (name, UUID, bus id, memory, compute capability) of the test's GPU."""
+    from .session import STRICT_FAILURE
+
     node = _state(request).node
+    if not node.visible and request.node.stash.get(STRICT_FAILURE, None):
+        return None  # the test fails in its call phase (strict acceptance), not skipped here
     if not node.visible:
         pytest.skip(f"needs a GPU; {node.message or 'none visible'}")
     return node.visible[0]
@@ -106,3 +110,12 @@ def node_inventory(request: pytest.FixtureRequest):
 def expect_gpus(request: pytest.FixtureRequest) -> int:
     """--gpuconform-expect-gpus (0 when not given)."""
     return _state(request).expect_gpus
+
+
+@pytest.fixture
+def memory_meter():
+    """``with memory_meter.track(device) as m:`` -> m.live_bytes, m.peak_bytes (any device,
+    counted by a dispatch mode) and m.cuda_peak_bytes / m.cuda_allocated_bytes on CUDA."""
+    from .memory import MemoryMeter
+
+    return MemoryMeter()

@@ -14,8 +14,9 @@ from . import dtypes
 from .nvml import NodeGpus
 
 
-class MarkerError(ValueError):
-    """A marker used wrongly; raised during collection so the test is named in the error."""
+class MarkerError(pytest.Collector.CollectError):
+    """A marker used wrongly: a collection error that names the test, shown without a
+    traceback of pytest's internals."""
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,9 @@ class GpuconformSession:
         else:
             item.add_marker(pytest.mark.skip(reason=reason))
 
-    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> None:
+        # In the call phase, not setup, so JUnit shows a <failure>, not an <error>.
         message = item.stash.get(STRICT_FAILURE, None)
         if message:
             pytest.fail(message, pytrace=False)

@@ -46,6 +46,35 @@ class UnsendableFixture(Exception):
     pass
 
 
+VERDICT_KEY: pytest.StashKey[Verdict] = pytest.StashKey()
+
+
+class _Crash:
+    def __init__(self, path: str, lineno: int, message: str) -> None:
+        self.path, self.lineno, self.message = path, lineno, message
+
+
+class RankFailureRepr:
+    """A failure report whose one-line message is the verdict's headline.
+
+    JUnit's ``message`` attribute and pytest's short summary show the headline (rank,
+    exception, measured value vs bound); the body holds the rank's traceback and the
+    per-rank summary.
+    """
+
+    def __init__(self, item: pytest.Item, verdict: Verdict) -> None:
+        path, lineno, _ = item.location
+        self.reprcrash = _Crash(path, (lineno or 0) + 1, verdict.headline)
+        self.text = verdict.longrepr()
+
+    def toterminal(self, tw) -> None:
+        for line in self.text.splitlines():
+            tw.line(line)
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def controller_kwargs(item: pytest.Function) -> tuple[dict, tuple[str, ...]]:
     """Fixture values resolved here and pickled to the ranks, plus the names ranks provide."""
     kwargs, rank_side = {}, []
@@ -149,7 +178,16 @@ class RankEngine:
         if verdict.outcome == "skipped":
             pytest.skip(verdict.headline)
         if verdict.outcome == "failed":
+            item.stash[VERDICT_KEY] = verdict
             pytest.fail(verdict.longrepr(), pytrace=False)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call):
+        report = yield
+        verdict = item.stash.get(VERDICT_KEY, None)
+        if verdict is not None and call.when == "call" and report.failed:
+            report.longrepr = RankFailureRepr(item, verdict)
+        return report
 
     def pytest_sessionfinish(self) -> None:
         for key in list(self.pools):
