@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     inv = commands.add_parser("inventory", help="print this node's inventory (versions, driver, GPUs) as JSON")
     inv.add_argument("-o", "--output", default="-", help="write the JSON to this file (default: stdout)")
     inv.set_defaults(func=_inventory)
+    from . import merge, report  # issue 6: gpuconform merge / gpuconform report
+
+    merge.add_command(commands)
+    report.add_command(commands)
     return parser
 
 

@@ -91,13 +91,9 @@ def tolerance_table(request: pytest.FixtureRequest):
 @pytest.fixture
 def record(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
     """record(name, value): attach a measured number to the JUnit test case and the summary."""
+    from .recording import recorder
 
-    def _record(name: str, value: object) -> None:
-        if isinstance(value, float):
-            value = float(f"{value:.6g}")
-        request.node.user_properties.append((name, value))
-
-    return _record
+    return recorder(request.node.user_properties.append)
 
 
 @pytest.fixture(scope="session")

@@ -16,16 +16,11 @@ an in-place op on them costs nothing either.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
-
-
-def _dispatch_mode_base():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    return TorchDispatchMode
 
 
 @dataclass
@@ -67,23 +62,12 @@ class MemoryReading:
         return torch.cuda.memory_allocated(self.device) - self.cuda_start_bytes
 
 
-class _LiveStorageCounter:
-    """Counts bytes of storages created under the mode; frees arrive through weakrefs.
-
-    Built lazily (the class derives from TorchDispatchMode, so torch must be importable).
-    """
-
-    _cls = None
-
-    @classmethod
-    def create(cls):
-        if cls._cls is None:
-            cls._cls = _make_counter_class(_dispatch_mode_base())
-        return cls._cls()
-
-
-def _make_counter_class(base):
+@functools.cache
+def _counter_class():
+    """The dispatch-mode counter, built on first use: it derives from TorchDispatchMode, and
+    the plugin must not import torch before a test asks for a meter."""
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
     from torch.utils.weak import WeakIdKeyDictionary
 
@@ -95,13 +79,17 @@ def _make_counter_class(base):
         except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses, nested)
             return None
 
-    class LiveStorageCounter(base):
+    class LiveStorageCounter(TorchDispatchMode):
+        """Counts bytes of storages created under the mode; frees arrive through weakrefs."""
+
         def __init__(self) -> None:
             super().__init__()
             self.current = 0
             self.peak = 0
             self._tracked = WeakIdKeyDictionary()
-            self._lock = threading.Lock()  # autograd may run backward on device threads
+            # Autograd may run backward on device threads; reentrant because a free (weakref
+            # finalizer) can fire inside _account when an allocation triggers garbage collection.
+            self._lock = threading.RLock()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
@@ -126,7 +114,7 @@ def _make_counter_class(base):
                 self._tracked[st] = entry
                 # The callback must not hold the storage; it holds the entry, whose size
                 # may change later.
-                weakref.finalize(st, self._release, entry)
+                weakref.finalize(st, self._release, entry).atexit = False
                 self._add(nbytes)
 
         def _release(self, entry: _Tracked) -> None:
@@ -152,7 +140,7 @@ class MemoryMeter:
         import torch
 
         device = torch.device(device) if device is not None else torch.device("cpu")
-        counter = _LiveStorageCounter.create()
+        counter = _counter_class()()
         reading = MemoryReading(device=device, _tracker=counter)
         on_cuda = device.type == "cuda"
         if on_cuda:

@@ -108,7 +108,7 @@ def add_options(parser: pytest.Parser) -> None:
         type="linelist",
         default=[],
     )
-    from .baseline import add_health_options  # issue 7: performance floors and baselines
+    from .health_options import add_health_options  # issue 7: performance floors and baselines
 
     add_health_options(group, parser)
 

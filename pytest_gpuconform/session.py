@@ -215,12 +215,12 @@ class GpuconformSession:
             self.measurements.append((report.nodeid, measured))
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not self.measurements:
-            return
-        terminalreporter.section("gpuconform measurements")
-        for nodeid, measured in self.measurements:
-            values = ", ".join(f"{k}={_short(v)}" for k, v in measured)
-            terminalreporter.write_line(f"{nodeid}: {values}")
+        from .summary import summary_lines_from_stats  # issue 6: area x (device, dtype, ws) table
+
+        terminalreporter.section("gpuconform summary")
+        junit = getattr(self.config.option, "xmlpath", None)
+        for line in summary_lines_from_stats(terminalreporter.stats, junit, getattr(self, "merged_junit", None)):
+            terminalreporter.write_line(line)
 
 
 STRICT_FAILURE: pytest.StashKey[str] = pytest.StashKey()

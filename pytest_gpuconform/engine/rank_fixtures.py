@@ -10,19 +10,10 @@ from __future__ import annotations
 RANK_SIDE = frozenset({"rank", "world_size", "device", "record", "process_group", "memory_meter", "gpu"})
 
 
-def _record_into(records: list):
-    def record(name: str, value) -> None:
-        if isinstance(value, float):
-            value = float(f"{value:.6g}")
-        records.append((name, value))
-
-    return record
-
-
 def _memory_meter(device):
     from pytest_gpuconform.memory import MemoryMeter
 
-    return MemoryMeter(device)
+    return MemoryMeter()  # stateless; the test passes the device to track()
 
 
 def _gpu(spec, device):
@@ -47,7 +38,9 @@ def provide(names, spec, device, records: list, request) -> dict:
         elif name == "device":
             values[name] = device
         elif name == "record":
-            values[name] = _record_into(records)
+            from pytest_gpuconform.recording import recorder
+
+            values[name] = recorder(records.append)
         elif name == "process_group":
             import torch.distributed as dist
 

@@ -105,10 +105,6 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _plain(value):
-    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-
-
 def run_one(request: RunTest, spec: RankSpec, state: _GlobalState, device) -> RankReport:
     from _pytest.outcomes import Failed, Skipped
 
@@ -138,7 +134,7 @@ def run_one(request: RunTest, spec: RankSpec, state: _GlobalState, device) -> Ra
         sys.stdout.flush()
         sys.stderr.flush()
     return RankReport(spec.rank, outcome, message=message, traceback=text,
-                      records=[(k, _plain(v)) for k, v in records], duration=time.perf_counter() - started)
+                      records=list(records), duration=time.perf_counter() - started)
 
 
 def main(spec: RankSpec, conn) -> None:

@@ -1,0 +1,71 @@
+"""Per-rank findings turned into one verdict that every rank raises together.
+
+A multi-rank check that asserts in one rank only leaves the other ranks waiting in their
+next collective until the engine's timeout. So each rank writes down what it found (a
+one-line problem, or nothing), the findings are exchanged with ``all_gather`` of their UTF-8 bytes (a
+copy, no arithmetic, so it cannot hide a reduction fault), and every rank fails with the
+same message naming each rank that saw a problem. The message is one line: rank, tensor,
+measured value and bound, as the suite's failure messages must be.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._comparisons import mismatch
+
+
+def raise_if_any(problem: str | None, rank: int, world_size: int, check: str) -> None:
+    """Exchange every rank's finding and fail in all ranks if any rank found something."""
+    found = gather_text(problem or "", world_size)
+    bad = [(r, p) for r, p in enumerate(found) if p]
+    if bad:
+        detail = "; ".join(f"rank {r}: {p}" for r, p in bad)
+        raise AssertionError(f"{check}: {len(bad)} of {world_size} ranks wrong: {detail}")
+
+
+def collective_device() -> torch.device:
+    """Where tensors for the default group must live: NCCL takes only the current GPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_text(text: str, world_size: int) -> list[str]:
+    """Every rank's string, in rank order. ``all_gather_object`` would do, but it needs
+    numpy, which a lean training image may not have."""
+    device = collective_device()
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    length = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    lengths = [torch.empty_like(length) for _ in range(world_size)]
+    dist.all_gather(lengths, length)
+    longest = max(int(n) for n in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    slots = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(slots, padded)
+    return [bytes(slot[: int(n)].tolist()).decode() for slot, n in zip(slots, lengths)]
+
+
+def gather_float(value: float, world_size: int) -> list[float]:
+    """Every rank's number, in rank order (timings: the slowest rank sets the bandwidth)."""
+    mine = torch.tensor([value], dtype=torch.float64, device=collective_device())
+    slots = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(slots, mine)
+    return [float(s) for s in slots]
+
+
+def same_on_all_ranks(tensor: torch.Tensor, what: str, rank: int, world_size: int) -> str | None:
+    """Bitwise comparison of this rank's tensor with rank 0's: None, or one line naming the
+    tensor, how many elements differ and the largest difference.
+
+    Rank 0's copy travels by broadcast (a copy, not a reduction), so a faulty reduction
+    cannot make unequal tensors look equal.
+    """
+    reference = tensor.detach().clone()
+    dist.broadcast(reference, src=0)
+    if rank == 0:
+        return None
+    problem = mismatch(tensor, reference, what)
+    return problem and problem.replace("expected", "rank 0 has").replace("(bound: exact)", "(bound: bitwise equal to rank 0)")

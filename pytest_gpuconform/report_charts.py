@@ -1,0 +1,194 @@
+"""Inline-SVG charts of the report page, computed as plain shapes.
+
+The page must work offline (a report copied off an air-gapped cluster), so there is no
+charting library: the geometry is computed here and the template writes each shape as an
+SVG element, with jinja2's escaping applied to every label and attribute.
+
+Which numbers are charted follows measures.py's naming rule:
+* ``*_ratio`` properties (memory ratios of checkpointing and AMP, ...): one bar per node,
+  grouped by check, on a linear scale, with the bound drawn as a tick where there is one;
+* other bounded properties (``X`` with ``X_bound`` / ``X_min`` ...): measured value against
+  bound per dtype, on a log scale (errors span many decades), one dot per node. Exact zeros
+  (bitwise-equal results) sit on the left edge as hollow dots; NaN and inf on the right edge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .measures import RATIO_SUFFIX, Measure, number
+
+PASS_COLOUR = "#2e7d32"
+FAIL_COLOUR = "#c62828"
+PLAIN_COLOUR = "#1565c0"
+CHAR_WIDTH = 6.6  # px per character of the 11px labels, generous for proportional fonts
+PLOT_WIDTH = 440
+ROW = 16
+HEADER = 20
+
+
+@dataclass
+class Shape:
+    kind: str  # an SVG element name: rect, line, circle, text
+    attrs: dict
+    text: str = ""
+    title: str = ""
+
+
+@dataclass
+class Chart:
+    chart_id: str
+    title: str
+    caption: str
+    width: int = 0
+    height: int = 0
+    shapes: list[Shape] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured number of one check on one node."""
+
+    check: str  # the check's display name
+    node: str
+    dtype: str
+    measure: Measure
+
+
+def _label_width(labels: list[str]) -> float:
+    return min(max(len(label) for label in labels) * CHAR_WIDTH + 12, 560)
+
+
+def _colour(measure: Measure) -> str:
+    if measure.within is None:
+        return PLAIN_COLOUR
+    return PASS_COLOUR if measure.within else FAIL_COLOUR
+
+
+def _describe(point: Point) -> str:
+    return f"{point.node}: {point.check} {point.measure.describe()}"
+
+
+def _text(x: float, y: float, text: str, anchor: str = "start", weight: str = "normal") -> Shape:
+    return Shape("text", {"x": f"{x:.1f}", "y": f"{y:.1f}", "text-anchor": anchor,
+                          "font-weight": weight, "font-size": "11"}, text)
+
+
+def _grouped(points: list[Point], key) -> dict:
+    groups: dict = {}
+    for point in points:
+        groups.setdefault(key(point), []).append(point)
+    return groups
+
+
+def ratio_chart(points: list[Point]) -> Chart | None:
+    """Bars of every ``*_ratio`` measure, one per node, grouped by (check, measure)."""
+    ratios = [p for p in points if p.measure.name.endswith(RATIO_SUFFIX)]
+    if not ratios:
+        return None
+    finite = [v for p in ratios for v in (p.measure.value, p.measure.bound)
+              if v is not None and math.isfinite(v)]
+    top = max(finite + [1.0]) * 1.1
+    left = _label_width([p.node for p in ratios] + ["0"])
+    chart = Chart("ratios", "Ratios per node",
+                  "Bars: measured ratio per node (green within its bound, red past it, blue "
+                  "when no bound is recorded). Black tick: the bound. Properties named *_ratio.")
+
+    def x_of(value: float) -> float:
+        return left + PLOT_WIDTH * min(max(value, 0.0), top) / top
+
+    y = 4.0
+    for (check, name), group in _grouped(ratios, lambda p: (p.check, p.measure.name)).items():
+        chart.shapes.append(_text(4, y + 13, f"{check} · {name}", weight="bold"))
+        y += HEADER
+        for point in group:
+            measure = point.measure
+            value = measure.value if math.isfinite(measure.value) else top
+            chart.shapes.append(_text(left - 6, y + 11, point.node, anchor="end"))
+            chart.shapes.append(Shape("rect", {
+                "x": f"{left:.1f}", "y": f"{y + 2:.1f}",
+                "width": f"{max(x_of(value) - left, 1.0):.1f}", "height": f"{ROW - 4}",
+                "fill": _colour(measure), "class": "bar", "data-node": point.node,
+                "data-check": check, "data-measure": name, "data-value": repr(measure.value),
+            }, title=_describe(point)))
+            if measure.bound is not None and math.isfinite(measure.bound):
+                bx = x_of(measure.bound)
+                chart.shapes.append(Shape("line", {"x1": f"{bx:.1f}", "x2": f"{bx:.1f}",
+                                                   "y1": f"{y:.1f}", "y2": f"{y + ROW:.1f}",
+                                                   "stroke": "#000", "stroke-width": "2"},
+                                          title=f"bound {number(measure.bound)}"))
+            chart.shapes.append(_text(left + PLOT_WIDTH + 6, y + 11, measure.describe()))
+            y += ROW
+        y += 4
+    _axis_line(chart, left, y)
+    chart.height = int(y + 16)
+    chart.width = int(left + PLOT_WIDTH + _label_width([p.measure.describe() for p in ratios]))
+    chart.shapes.append(_text(left, y + 13, "0"))
+    chart.shapes.append(_text(left + PLOT_WIDTH, y + 13, number(top), anchor="end"))
+    return chart
+
+
+def _axis_line(chart: Chart, left: float, y: float) -> None:
+    chart.shapes.append(Shape("line", {"x1": f"{left:.1f}", "x2": f"{left + PLOT_WIDTH:.1f}",
+                                       "y1": f"{y:.1f}", "y2": f"{y:.1f}", "stroke": "#888"}))
+
+
+def bound_charts(points: list[Point]) -> list[Chart]:
+    """Per dtype: each bounded, non-ratio measure against its bound, one dot per node."""
+    bounded = [p for p in points if p.measure.bound is not None and not p.measure.name.endswith(RATIO_SUFFIX)]
+    charts = []
+    for dtype, group in sorted(_grouped(bounded, lambda p: p.dtype).items()):
+        charts.append(_bound_chart(dtype, group))
+    return charts
+
+
+def _bound_chart(dtype: str, points: list[Point]) -> Chart:
+    positive = [v for p in points for v in (p.measure.value, p.measure.bound)
+                if v is not None and math.isfinite(v) and v > 0]
+    low = math.floor(math.log10(min(positive))) - 1 if positive else -9
+    high = math.ceil(math.log10(max(positive))) + 1 if positive else 1
+    left = _label_width([f"{p.check} · {p.measure.name}" for p in points])
+    chart = Chart(f"bounds-{dtype}", f"Measured against bound: {dtype}",
+                  "Log scale. Dots: one per node (green within the bound, red past it; hollow "
+                  "on the left edge: exactly 0; on the right edge: NaN or inf). Black tick: the "
+                  "bound. Pairs X / X_bound (upper) and X / X_min (lower).")
+
+    def x_of(value: float) -> float:
+        if math.isnan(value) or value == math.inf:
+            return left + PLOT_WIDTH
+        if value <= 0:
+            return left
+        fraction = (math.log10(value) - low) / (high - low)
+        return left + PLOT_WIDTH * min(max(fraction, 0.0), 1.0)
+
+    y = 4.0
+    for decade in range(low, high + 1):
+        x = x_of(10.0 ** decade)
+        chart.shapes.append(Shape("line", {"x1": f"{x:.1f}", "x2": f"{x:.1f}", "y1": "0",
+                                           "y2": "100%", "stroke": "#eee"}))
+    for (check, name), group in _grouped(points, lambda p: (p.check, p.measure.name)).items():
+        chart.shapes.append(_text(left - 6, y + 11, f"{check} · {name}", anchor="end"))
+        for bound in sorted({p.measure.bound for p in group}):
+            bx = x_of(bound)
+            chart.shapes.append(Shape("line", {"x1": f"{bx:.1f}", "x2": f"{bx:.1f}", "y1": f"{y:.1f}",
+                                               "y2": f"{y + ROW:.1f}", "stroke": "#000", "stroke-width": "2"},
+                                      title=f"bound {number(bound)}"))
+        for point in group:
+            measure = point.measure
+            zero = measure.value == 0
+            chart.shapes.append(Shape("circle", {
+                "cx": f"{x_of(measure.value):.1f}", "cy": f"{y + ROW / 2:.1f}", "r": "4",
+                "fill": "none" if zero else _colour(measure), "stroke": _colour(measure),
+                "class": "dot", "data-node": point.node, "data-check": check,
+                "data-measure": name, "data-value": repr(measure.value),
+            }, title=_describe(point)))
+        worst = max(group, key=lambda p: p.measure.use_of_bound or 0.0).measure
+        chart.shapes.append(_text(left + PLOT_WIDTH + 6, y + 11, worst.describe()))
+        y += ROW + 2
+    _axis_line(chart, left, y)
+    for decade in range(low, high + 1, max(1, (high - low) // 6)):
+        chart.shapes.append(_text(x_of(10.0 ** decade), y + 13, f"1e{decade}", anchor="middle"))
+    chart.height = int(y + 18)
+    chart.width = int(left + PLOT_WIDTH + _label_width([p.measure.describe() for p in points]))
+    return chart

@@ -1,0 +1,265 @@
+"""A stand-in for nvidia-ml-py's ``pynvml`` module, driven by a JSON file.
+
+Tests put this directory first on PYTHONPATH and point ``FAKE_NVML`` at a JSON file:
+
+    {"init_error": null | "LibraryNotFound" | "DriverNotLoaded" | "LibRmVersionMismatch" | ...,
+     "driver": "550.54.15", "cuda": 12040,
+     "missing_functions": ["nvmlDeviceGetCurrentClocksEventReasons"],   # raise FunctionNotFound
+     "gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-...", "bus_id": "00000000:18:00.0",
+               "memory_gib": 80, "cc": [9, 0],
+               # health counters; absent keys read as a healthy H100 SXM:
+               "ecc_mode": 1, "ecc_uncorrected_volatile": 0, "ecc_corrected_volatile": 0,
+               "ecc_uncorrected_aggregate": 0, "remapped_rows": [corr, unc, pending, failure],
+               "retired_pages_pending": 0, "clocks_event_reasons": 1,
+               "pcie_gen": 5, "pcie_max_gen": 5, "pcie_width": 16, "pcie_max_width": 16,
+               "pcie_replay_counter": 0, "nvlink": [1, 1, ...], "persistence_mode": 1,
+               "xid_events": [79, ...]}]}
+
+A value of the form {"error": "NotSupported"} for any per-GPU field makes the matching call
+raise that NVMLError subclass.
+
+Unlike a snapshot, the file is read again on every call while NVML is initialised, so a
+test can rewrite it (atomically, with os.replace) to make counters change in the middle of
+a run. XID events follow NVML's rule: an event set sees only the events that occurred after
+it was registered, i.e. entries appended to ``xid_events`` after registration.
+Initialisation is reference-counted like the real library.
+"""
+
+import json
+import os
+
+
+class NVMLError(Exception):
+    value = 999
+
+    def __str__(self):
+        return type(self).__name__.replace("NVMLError_", "")
+
+
+_ERRORS = {}
+for _name, _code in [
+    ("Uninitialized", 1), ("InvalidArgument", 2), ("NotSupported", 3), ("NoPermission", 4),
+    ("NotFound", 6), ("DriverNotLoaded", 9), ("Timeout", 10), ("Unknown", 999), ("GpuIsLost", 15),
+    ("LibraryNotFound", 12), ("FunctionNotFound", 13), ("LibRmVersionMismatch", 18),
+    ("NoDevice", 26),
+]:
+    _cls = type(f"NVMLError_{_name}", (NVMLError,), {"value": _code})
+    globals()[_cls.__name__] = _cls
+    _ERRORS[_name] = _cls
+
+NVML_FEATURE_DISABLED = 0
+NVML_FEATURE_ENABLED = 1
+NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+NVML_VOLATILE_ECC = 0
+NVML_AGGREGATE_ECC = 1
+NVML_NVLINK_MAX_LINKS = 18
+nvmlEventTypeXidCriticalError = 0x8
+nvmlClocksEventReasonGpuIdle = 0x1
+nvmlClocksEventReasonApplicationsClocksSetting = 0x2
+nvmlClocksEventReasonSwPowerCap = 0x4
+nvmlClocksEventReasonHwSlowdown = 0x8
+nvmlClocksEventReasonSyncBoost = 0x10
+nvmlClocksEventReasonSwThermalSlowdown = 0x20
+nvmlClocksEventReasonHwThermalSlowdown = 0x40
+nvmlClocksEventReasonHwPowerBrakeSlowdown = 0x80
+
+_state = {"refs": 0}
+
+
+def _config():
+    if _state["refs"] <= 0:
+        raise NVMLError_Uninitialized()
+    with open(os.environ["FAKE_NVML"], encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _raise(name):
+    raise _ERRORS.get(name, NVMLError_Unknown)()
+
+
+def _check_present(function_name):
+    if function_name in _config().get("missing_functions", []):
+        raise NVMLError_FunctionNotFound()
+
+
+def _gpu(handle):
+    """The GPU's current entry in the file (re-read, so mid-run edits are seen)."""
+    return _config()["gpus"][handle["_index"]]
+
+
+def _field(handle, key, default=None):
+    value = _gpu(handle).get(key, default)
+    if isinstance(value, dict) and "error" in value:
+        _raise(value["error"])
+    return value
+
+
+def nvmlInit():
+    with open(os.environ["FAKE_NVML"], encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("init_error"):
+        _raise(config["init_error"])
+    _state["refs"] += 1
+
+
+def nvmlShutdown():
+    if _state["refs"] <= 0:
+        raise NVMLError_Uninitialized()
+    _state["refs"] -= 1
+
+
+def nvmlSystemGetDriverVersion():
+    return _config().get("driver", "550.54.15")
+
+
+def nvmlSystemGetCudaDriverVersion():
+    return _config().get("cuda", 12040)
+
+
+def nvmlDeviceGetCount():
+    return len(_config().get("gpus", []))
+
+
+def nvmlDeviceGetHandleByIndex(index):
+    gpus = _config().get("gpus", [])
+    if not 0 <= index < len(gpus):
+        raise NVMLError_InvalidArgument()
+    return {"_index": index}
+
+
+def nvmlDeviceGetHandleByUUID(uuid):
+    for index in range(nvmlDeviceGetCount()):
+        if nvmlDeviceGetUUID({"_index": index}) == uuid:
+            return {"_index": index}
+    raise NVMLError_NotFound()
+
+
+def nvmlDeviceGetName(handle):
+    return _field(handle, "name", "NVIDIA H100 80GB HBM3")
+
+
+def nvmlDeviceGetUUID(handle):
+    return _field(handle, "uuid", f"GPU-00000000-0000-0000-0000-00000000000{handle['_index']}")
+
+
+class _Pci:
+    def __init__(self, bus_id):
+        self.busId = bus_id
+
+
+def nvmlDeviceGetPciInfo(handle):
+    return _Pci(_field(handle, "bus_id", f"00000000:{0x18 + handle['_index']:02X}:00.0"))
+
+
+class _Memory:
+    def __init__(self, total):
+        self.total, self.free, self.used = total, total, 0
+
+
+def nvmlDeviceGetMemoryInfo(handle, version=None):
+    return _Memory(int(_field(handle, "memory_gib", 80) * 2**30))
+
+
+def nvmlDeviceGetCudaComputeCapability(handle):
+    return tuple(_field(handle, "cc", [9, 0]))
+
+
+# -- health counters ------------------------------------------------------------------------
+def nvmlDeviceGetEccMode(handle):
+    mode = _field(handle, "ecc_mode", 1)
+    return (mode, mode)
+
+
+def nvmlDeviceGetTotalEccErrors(handle, error_type, counter_type):
+    if counter_type == NVML_AGGREGATE_ECC:
+        key = "ecc_uncorrected_aggregate" if error_type == NVML_MEMORY_ERROR_TYPE_UNCORRECTED else "ecc_corrected_aggregate"
+    else:
+        key = "ecc_uncorrected_volatile" if error_type == NVML_MEMORY_ERROR_TYPE_UNCORRECTED else "ecc_corrected_volatile"
+    return int(_field(handle, key, 0))
+
+
+def nvmlDeviceGetRemappedRows(handle):
+    return tuple(_field(handle, "remapped_rows", [0, 0, 0, 0]))
+
+
+def nvmlDeviceGetRetiredPagesPendingStatus(handle):
+    return int(_field(handle, "retired_pages_pending", {"error": "NotSupported"}))
+
+
+def nvmlDeviceGetCurrentClocksEventReasons(handle):
+    _check_present("nvmlDeviceGetCurrentClocksEventReasons")
+    return int(_field(handle, "clocks_event_reasons", nvmlClocksEventReasonGpuIdle))
+
+
+def nvmlDeviceGetCurrentClocksThrottleReasons(handle):
+    """Deprecated name of the call above; kept because old drivers only have this one."""
+    _check_present("nvmlDeviceGetCurrentClocksThrottleReasons")
+    return int(_field(handle, "clocks_event_reasons", nvmlClocksEventReasonGpuIdle))
+
+
+def nvmlDeviceGetCurrPcieLinkGeneration(handle):
+    return int(_field(handle, "pcie_gen", 5))
+
+
+def nvmlDeviceGetMaxPcieLinkGeneration(handle):
+    return int(_field(handle, "pcie_max_gen", 5))
+
+
+def nvmlDeviceGetCurrPcieLinkWidth(handle):
+    return int(_field(handle, "pcie_width", 16))
+
+
+def nvmlDeviceGetMaxPcieLinkWidth(handle):
+    return int(_field(handle, "pcie_max_width", 16))
+
+
+def nvmlDeviceGetPcieReplayCounter(handle):
+    return int(_field(handle, "pcie_replay_counter", 0))
+
+
+def nvmlDeviceGetNvLinkState(handle, link):
+    links = _field(handle, "nvlink", [1] * NVML_NVLINK_MAX_LINKS)
+    if not 0 <= link < NVML_NVLINK_MAX_LINKS:
+        raise NVMLError_InvalidArgument()
+    if link >= len(links):
+        raise NVMLError_NotSupported()
+    return int(links[link])
+
+
+def nvmlDeviceGetPersistenceMode(handle):
+    return int(_field(handle, "persistence_mode", 1))
+
+
+# -- XID events -----------------------------------------------------------------------------
+class _EventData:
+    def __init__(self, device, xid):
+        self.device, self.eventType, self.eventData = device, nvmlEventTypeXidCriticalError, xid
+        self.gpuInstanceId = self.computeInstanceId = 0xFFFFFFFF
+
+
+def nvmlEventSetCreate():
+    _config()
+    return {"registered": []}  # [(handle, events seen at registration)]
+
+
+def nvmlDeviceRegisterEvents(handle, event_types, event_set):
+    events = _field(handle, "xid_events", [])
+    event_set["registered"].append([handle, len(events)])
+
+
+def nvmlEventSetWait_v2(event_set, timeout_ms):
+    for entry in event_set["registered"]:
+        handle, seen = entry
+        events = _field(handle, "xid_events", [])
+        if len(events) > seen:
+            entry[1] = seen + 1
+            return _EventData(handle, int(events[seen]))
+    raise NVMLError_Timeout()
+
+
+nvmlEventSetWait = nvmlEventSetWait_v2
+
+
+def nvmlEventSetFree(event_set):
+    event_set["registered"].clear()

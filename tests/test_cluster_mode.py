@@ -1,0 +1,103 @@
+"""Cluster mode: two torchrun agents on loopback form a 2-node world; rank 0 merges."""
+
+import os
+import socket
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+TESTS = """
+import pytest, torch
+import torch.distributed as dist
+
+@pytest.mark.world_size(2)
+def test_world_all_reduce(rank, world_size, device, record):
+    t = torch.full((3,), float(rank + 1))
+    dist.all_reduce(t)
+    record("sum", float(t[0]))
+    assert torch.equal(t, torch.full((3,), 3.0))
+
+@pytest.mark.world_size(4)
+def test_bigger_than_world(rank):
+    raise AssertionError("must be skipped")
+
+def test_every_rank(rank):
+    assert rank in (0, 1)
+
+@pytest.mark.world_size(2)
+def test_fails_on_one_rank(rank):
+    assert rank == 0, f"rank {rank} disagrees"
+"""
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_torchrun_agents_produce_one_merged_report(tmp_path):
+    (tmp_path / "test_world.py").write_text(TESTS)
+    port = _free_port()
+    agents, logs = [], []
+    for node in (0, 1):
+        env = dict(os.environ, GPUCONFORM_HOST=f"node{node}")
+        logs.append(open(tmp_path / f"agent{node}.log", "w+"))
+        agents.append(subprocess.Popen(
+            [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "gpuconform-test",
+             "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider", "test_world.py",
+             "--junitxml", "reports/junit-{host}-r{rank}.xml"],
+            cwd=tmp_path, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, text=True,
+        ))
+    for agent in agents:  # output goes to files: two agents writing to pipes read in turn could block
+        agent.wait(timeout=240)
+    outputs = [(log.seek(0), log.read())[1] for log in logs]
+    codes = [agent.returncode for agent in agents]
+    assert codes == [1, 1], "\n".join(o[-2000:] for o in outputs)  # one test fails on one rank
+    per_rank = sorted(p.name for p in (tmp_path / "reports").glob("junit-node*.xml"))
+    assert len(per_rank) == 2 and {"r0", "r1"} == {p.split("-")[-1][:2] for p in per_rank}, per_rank
+
+    root = ET.parse(tmp_path / "reports" / "junit-cluster.xml").getroot()
+    suite = root.find("testsuite")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert (suite.get("tests"), suite.get("failures")) == (str(len(cases)), "1")
+    ranks_prop = {p.get("name"): p.get("value") for p in suite.find("properties")}["gpuconform.cluster_ranks"]
+    assert sorted(ranks_prop.split()) in (["node0/r0", "node1/r1"], ["node0/r1", "node1/r0"])
+
+    passed = cases["test_world_all_reduce[ws2-cpu]"]
+    props = {p.get("name"): p.get("value") for p in passed.find("properties")}
+    assert props["sum"] == "3.0" and sorted(props["ranks"].split()) in (
+        ["node0/r0:passed", "node1/r1:passed"], ["node0/r1:passed", "node1/r0:passed"])
+    assert cases["test_bigger_than_world[ws4-cpu]"].find("skipped").get("message").startswith(
+        "needs world size 4; torchrun launched 2 ranks")
+    failure = cases["test_fails_on_one_rank[ws2-cpu]"].find("failure")
+    host_of_rank1 = next(h.split("/")[0] for h in ranks_prop.split() if h.endswith("/r1"))
+    assert failure.get("message").startswith(f"failure on host {host_of_rank1} rank 1: AssertionError: rank 1 disagrees")
+
+
+def test_cluster_mode_with_xdist_is_a_usage_error(pytester, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", "-n", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*-n 2 cannot be combined with cluster mode (torchrun started 2 ranks)*"])
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"TORCHELASTIC_RUN_ID": "j", "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, ("torchrun", 3, 8)),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_LOCALID": "5"}, ("srun", 5, 16)),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}, None),  # one task per node: per-node sweep
+    ({}, None),
+])
+def test_cluster_detection(environ, expected):
+    from pytest_gpuconform.engine.cluster import detect
+
+    world = detect(dict(environ, GPUCONFORM_HOST="h"))
+    assert (None if world is None else (world.launcher, world.rank, world.world_size)) == expected

@@ -1,0 +1,154 @@
+"""The memory meter counts exactly what a model keeps, checked against analytic sizes.
+
+The checkpointing and AMP memory checks assert ratios of these counts, so the counts must
+be exact: a model of N ``Linear -> GELU`` layers on a ``batch x width`` input keeps two
+activations per layer (the Linear output, saved by GELU, and the GELU output, saved by the
+next Linear or returned), and each checkpointing variant keeps a known subset of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import checkpoint as ckpt
+
+from pytest_gpuconform.memory import MemoryMeter
+
+LAYERS, WIDTH, BATCH = 6, 32, 16
+UNIT = BATCH * WIDTH * 4  # bytes of one fp32 activation
+
+
+@pytest.fixture
+def meter():
+    return MemoryMeter()
+
+
+def test_counts_allocations_frees_and_peak(meter):
+    with meter.track() as m:
+        a = torch.empty(100)
+        b = torch.empty(200)
+        del a
+        c = torch.empty(50)
+        assert (m.live_bytes, m.peak_bytes) == (1000, 1200)
+        del b
+    assert m.live_bytes == 200, "a free after the block must still be counted"
+    del c
+    assert (m.live_bytes, m.peak_bytes) == (0, 1200)
+
+
+def test_existing_storage_costs_nothing(meter):
+    x = torch.randn(8, 8)
+    with meter.track() as m:
+        views = (x.t(), x.view(64), x[:2], x.transpose(0, 1).contiguous().T)
+        x.add_(1)
+        x.mul_(2)
+    # Only the .contiguous() copy is new.
+    assert m.live_bytes == 8 * 8 * 4, f"views/in-place of existing storage counted: {m.live_bytes} B"
+    del views
+
+
+def test_resized_output_is_counted_at_its_final_size(meter):
+    a, b = torch.ones(10), torch.ones(10)
+    with meter.track() as m:
+        out = torch.empty(0)
+        torch.add(a, b, out=out)
+    assert m.live_bytes == 40, f"out= resize of a tracked storage: {m.live_bytes} B, expected 40"
+
+
+def test_meter_is_picklable_for_rank_processes():
+    assert isinstance(pickle.loads(pickle.dumps(MemoryMeter())), MemoryMeter)
+
+
+def _layers():
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.GELU()) for _ in range(LAYERS)))
+
+
+def _per_layer(**kwargs):
+    def run(model, x):
+        for layer in model:
+            x = ckpt.checkpoint(layer, x, **kwargs)
+        return x
+    return run
+
+
+SELECTIVE = functools.partial(ckpt.create_selective_checkpoint_contexts, [torch.ops.aten.addmm.default]) \
+    if hasattr(ckpt, "create_selective_checkpoint_contexts") else None
+
+# variant -> (run, activations kept after forward, in units), for 6 layers
+CASES = {
+    "plain": (lambda model, x: model(x), 12),  # 2 per layer
+    "per_layer_non_reentrant": (_per_layer(use_reentrant=False), 6),  # each layer's output
+    "per_layer_reentrant": (_per_layer(use_reentrant=True), 6),
+    # segments=2: chunk of 3 checkpointed (its output) + last 3 layers plain (2 each)
+    "sequential_2": (lambda model, x: ckpt.checkpoint_sequential(model, 2, x, use_reentrant=False), 1 + 2 * 3),
+    # segments=3: two chunks of 2 checkpointed (2 outputs) + last 2 layers plain
+    "sequential_3": (lambda model, x: ckpt.checkpoint_sequential(model, 3, x, use_reentrant=False), 2 + 2 * 2),
+    # saving addmm: per layer the Linear output (cached by SAC) and the layer output
+    "selective_addmm": (_per_layer(use_reentrant=False, context_fn=SELECTIVE), 12),
+}
+
+
+@pytest.mark.parametrize("variant", list(CASES))
+def test_activation_bytes_match_analytic_size(meter, variant):
+    if variant.startswith("selective") and SELECTIVE is None:
+        pytest.skip(f"torch {torch.__version__} has no selective activation checkpointing")
+    run, units = CASES[variant]
+    model = _layers()
+    x = torch.randn(BATCH, WIDTH, requires_grad=True)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with meter.track() as m:
+        out = run(model, x)
+        after_forward = m.live_bytes
+        out.sum().backward()
+        del out
+    assert after_forward == units * UNIT, (
+        f"{variant}: {after_forward} B alive after forward, analytic {units} x {UNIT} B = {units * UNIT} B")
+    assert m.live_bytes == UNIT, (
+        f"{variant}: {m.live_bytes} B alive after backward, expected only x.grad ({UNIT} B; param grads preallocated)")
+    assert m.peak_bytes >= after_forward
+
+
+def test_selective_checkpointing_is_seen_where_saved_tensor_hooks_are_blind(meter):
+    """SAC keeps its saved ops outside the autograd graph: a saved_tensors_hooks counter sees
+    only the checkpoint inputs, the dispatch-mode meter sees the cached Linear outputs too."""
+    if SELECTIVE is None:
+        pytest.skip(f"torch {torch.__version__} has no selective activation checkpointing")
+    model, x = _layers(), torch.randn(BATCH, WIDTH, requires_grad=True)
+    hooked = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: hooked.append(t.untyped_storage().nbytes()) or t,
+                                                  lambda t: t):
+        with meter.track() as m:
+            out = CASES["selective_addmm"][0](model, x)
+    assert m.live_bytes == 12 * UNIT
+    assert sum(hooked) < m.live_bytes, (sum(hooked), m.live_bytes)
+    del out
+
+
+def test_cuda_allocator_numbers(meter):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (the allocator numbers exist only on CUDA)")
+    device = torch.device("cuda", 0)
+    with meter.track(device) as m:
+        t = torch.empty(1 << 20, device=device)
+        assert m.cuda_allocated_bytes == 4 << 20
+        del t
+    assert m.cuda_peak_bytes >= 4 << 20 and m.peak_bytes == 4 << 20
+
+
+def test_fixture_reaches_tests_of_an_enabled_run(pytester):
+    pytester.makepyfile("""
+        import torch
+
+        def test_uses_meter(memory_meter):
+            with memory_meter.track("cpu") as m:
+                t = torch.empty(256)
+            assert m.live_bytes == 1024 and m.peak_bytes == 1024
+    """)
+    result = pytester.runpytest("--gpuconform", "-p", "no:cacheprovider", ".")
+    result.assert_outcomes(passed=1)
