@@ -2,9 +2,9 @@
 
 A multi-rank check that asserts in one rank only leaves the other ranks waiting in their
 next collective until the engine's timeout. So each rank writes down what it found (a
-one-line problem, or nothing), the findings are exchanged with ``all_gather`` of their UTF-8 bytes (a
-copy, no arithmetic, so it cannot hide a reduction fault), and every rank fails with the
-same message naming each rank that saw a problem. The message is one line: rank, tensor,
+one-line problem, or nothing), the findings are exchanged as UTF-8 bytes with
+``all_gather`` (a copy, no arithmetic, so a faulty reduction cannot garble them), and
+every rank fails with the same message naming each rank that saw a problem. The message is one line: rank, tensor,
 measured value and bound, as the suite's failure messages must be.
 """
 
@@ -68,4 +68,6 @@ def same_on_all_ranks(tensor: torch.Tensor, what: str, rank: int, world_size: in
     if rank == 0:
         return None
     problem = mismatch(tensor, reference, what)
-    return problem and problem.replace("expected", "rank 0 has").replace("(bound: exact)", "(bound: bitwise equal to rank 0)")
+    if problem is None:
+        return None
+    return problem.replace("expected", "rank 0 has").replace("(bound: exact)", "(bound: bitwise equal to rank 0)")

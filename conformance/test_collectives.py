@@ -71,7 +71,7 @@ def _check_all_sizes(run_once, element_type, rank, world_size, device, check: st
         what = _describe(check, element_type, count)
         first, expected = run_once(count, salt=count)
         second, _ = run_once(count, salt=count)
-        wrong += int((first != expected).sum())
+        wrong += int((first != expected).sum()) if first.shape == expected.shape else first.numel()
         found = mismatch(first, expected, what)
         if found is None:
             found = mismatch(second, first, what + " run 2 vs run 1")

@@ -155,7 +155,7 @@ def test_no_sync_that_loses_local_gradients_is_caught(cases):
 
 def test_compression_coarser_than_fp16_is_caught(cases):
     assert_caught(cases, "test_fault_coarse_compression::test_ddp_compression_hook_within_bound[ws2-cpu-fp16]",
-                  "DDP fp16_compress_hook", "step 1 grad 'embed.weight' vs single process: rel_l2=",
+                  "DDP fp16_compress_hook", "rank 0: step 1 grad 'embed.weight' vs single process: rel_l2=",
                   "> bound 0.005")
 
 
@@ -167,4 +167,4 @@ def test_unsynced_ddp_under_autocast_is_caught(cases):
 
 def test_unreduced_checkpointed_block_is_caught(cases):
     assert_caught(cases, "test_fault_checkpointed_block_unreduced::test_ddp_with_checkpointing[ws2-cpu-reentrant]",
-                  "DDP + checkpoint(reentrant)", "grad 'block.0.weight' vs single process:", "outside tolerance")
+                  "DDP + checkpoint(reentrant)", "rank 0: step 1 grad 'block.0.weight' vs single process:", "outside tolerance")

@@ -82,7 +82,9 @@ class ClusterSession:
         return torch.device("cuda", self.world.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
     def gather_reports(self, own_xml: str | None) -> list[tuple[str, int, str]]:
-        """[(host, rank, xml text)] from every rank, on rank 0 (empty elsewhere)."""
+        """[(host, rank, xml text)] from every rank, on every rank: each one can then tell
+        whether the cluster failed, so every rank's exit code says so (and torchrun does
+        not leave a passing agent waiting at its exit barrier for a failed one)."""
         import torch.distributed as dist
 
         text = ""
@@ -91,7 +93,7 @@ class ClusterSession:
                 text = handle.read()
         gathered = [None] * self.world.world_size
         dist.all_gather_object(gathered, (self.world.host, self.world.rank, text), group=self.control)
-        return list(gathered) if self.world.rank == 0 else []
+        return list(gathered)
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -61,8 +61,6 @@ def merge(reports: list[tuple[str, int, str]]) -> ET.Element:
         total_time += float(merged.get("time", "0") or 0)
         if outcome == "failure":
             counts["failures"] += 1
-        elif outcome == "error":
-            counts["errors"] += 1
         elif outcome == "skipped":
             counts["skipped"] += 1
     for name, value in counts.items():
@@ -91,7 +89,7 @@ def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed) -> tuple[ET.E
     bad = [(h, r, o, c) for h, r, o, c in outcomes if o in ("failure", "error")]
     system_out = []
     if bad or missing:
-        tag = "error" if bad and all(o == "error" for _, _, o, _ in bad) else "failure"
+        tag = "failure"  # the JUnit schema has no <error>; errors keep type="error"
         lines, texts = [], []
         for host, rank, outcome, case in bad:
             element = case.find(outcome)
@@ -99,7 +97,10 @@ def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed) -> tuple[ET.E
             texts.append(f"--- host {host} rank {rank} ---\n{element.text or ''}")
         for host, rank in missing:
             lines.append(f"no result from host {host} rank {rank} (rank crashed or its report is missing)")
-        result = ET.SubElement(merged, tag, {"message": "; ".join(lines)})
+        attrs = {"message": "; ".join(lines)}
+        if bad and all(o == "error" for _, _, o, _ in bad):
+            attrs["type"] = "error"
+        result = ET.SubElement(merged, tag, attrs)
         result.text = "\n".join(texts)
         outcome = tag
     elif all(o == "skipped" for _, _, o, _ in outcomes):
@@ -115,6 +116,11 @@ def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed) -> tuple[ET.E
     if system_out:
         ET.SubElement(merged, "system-out").text = "\n".join(system_out)
     return merged, outcome
+
+
+def failed(root: ET.Element) -> bool:
+    suite = root.find("testsuite")
+    return int(suite.get("failures", "0")) + int(suite.get("errors", "0")) > 0
 
 
 def write(root: ET.Element, path: str) -> None:

@@ -54,6 +54,7 @@ class _GlobalState:
         self.deterministic = torch.are_deterministic_algorithms_enabled()
         self.matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
         self.cudnn_tf32 = torch.backends.cudnn.allow_tf32
+        self.threads = torch.get_num_threads()
 
     def restore(self, seed: int, device_kind: str) -> None:
         torch = self.torch
@@ -62,6 +63,7 @@ class _GlobalState:
         random.seed(seed)
         torch.manual_seed(seed)
         torch.set_default_dtype(self.default_dtype)
+        torch.set_num_threads(self.threads)
         torch.set_grad_enabled(True)
         torch.use_deterministic_algorithms(self.deterministic)
         torch.backends.cuda.matmul.allow_tf32 = self.matmul_tf32
@@ -151,6 +153,9 @@ def main(spec: RankSpec, conn) -> None:
     try:
         import torch
 
+        if spec.device_kind == "cpu":
+            # N ranks share the node's cores: N x (all cores) intra-op threads would thrash.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
         device = _device(torch, spec)
         _init_process_group(torch, spec)
         state = _GlobalState(torch)
