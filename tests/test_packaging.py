@@ -1,0 +1,37 @@
+"""The wheel carries the shipped suite, and an installed plugin runs it from an empty directory."""
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contains_the_suite_and_the_entry_points(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("pytest_gpuconform-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for expected in ("pytest_gpuconform/plugin.py", "pytest_gpuconform/conformance/test_environment.py",
+                     "pytest_gpuconform/conformance/test_ddp.py", "pytest_gpuconform/templates/report.html.j2",
+                     "pytest_gpuconform/data/perf_floors.json"):
+        assert expected in names, expected
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[pytest11]\ngpuconform = pytest_gpuconform.plugin" in text
+    assert "gpuconform = pytest_gpuconform.cli:main" in text
+
+
+def test_installed_suite_runs_from_an_empty_directory(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider", "-rs",
+                           "-k", "environment", "--junitxml=out.xml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "test_environment.py" in done.stdout and "SKIPPED" in done.stdout
+    root = ET.parse(tmp_path / "out.xml").getroot()
+    props = {p.get("name"): p.get("value") for p in root.iter("property")}
+    assert props["gpuconform.gpu_count"] == "0" and props["gpuconform.torch"].startswith("2.")
+    skips = [s.get("message") for s in root.iter("skipped")]
+    assert skips and all(skips), "every skip carries a reason"
