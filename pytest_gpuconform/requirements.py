@@ -55,9 +55,12 @@ def node_description(node: NodeGpus) -> str:
     return f"NVML is broken ({node.message})"
 
 
-def gpu_count_shortfall(node: NodeGpus, n: int) -> str | None:
-    if node.count >= n:
+def gpu_count_shortfall(node: NodeGpus, n: int, leasable: int | None = None) -> str | None:
+    """``leasable``: GPUs of the whole node a multi-rank test may lease under xdist."""
+    if node.count >= n or (leasable is not None and leasable >= n):
         return None
+    if leasable is not None:
+        return f"needs {n} GPU(s), node has {leasable} (leased per test under -n)"
     return f"needs {n} GPU(s), {node_description(node)}"
 
 

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from . import inventory, options, parametrize, tolerances
+from . import gpu_lease, inventory, options, parametrize, tolerances
 from .engine import cluster
 from .requirements import (
     dtype_shortfall,
@@ -139,7 +139,8 @@ class GpuconformSession:
             return self._cluster_reason(ranks, device), False
         n = max(need.n if need else 0, ranks if device == "cuda" else 0)
         if n:
-            reason = gpu_count_shortfall(self.node, n)
+            tokens = gpu_lease.node_gpu_tokens() if "world_size" in params else None
+            reason = gpu_count_shortfall(self.node, n, None if tokens is None else len(tokens))
             if reason:
                 return reason, True
         if need:

@@ -38,6 +38,10 @@ def pin_workers_to_gpus(specs) -> None:
     tokens = gpu_tokens()
     if not tokens:
         return
+    from .gpu_lease import NODE_GPUS_ENV
+
     for position, spec in enumerate(specs):
         spec.env["CUDA_VISIBLE_DEVICES"] = tokens[position % len(tokens)]
         spec.env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        # Multi-rank tests in a worker lease whole GPUs from the node's list (gpu_lease.py).
+        spec.env[NODE_GPUS_ENV] = ",".join(tokens)

@@ -11,10 +11,12 @@ fails, times out or crashes in them, or fresh ranks are asked for.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 
 import pytest
 
+from ..gpu_lease import LeaseTimeout, lease, node_gpu_tokens
 from .messages import RunTest
 from .rank_fixtures import RANK_SIDE
 from .rank_pool import RankPool, RankStartError
@@ -36,6 +38,23 @@ def pool_key(item: pytest.Item) -> tuple[int, str | None, str] | None:
     if device == "cuda":
         return 1, None, "cuda"
     return None
+
+
+def gpus_to_lease(key: tuple) -> tuple[list[str], str | None]:
+    """(GPU tokens to lease, CUDA_VISIBLE_DEVICES for the ranks or None to inherit).
+
+    Only under xdist on a GPU node (the controller passed the node's GPU list): a one-rank
+    CUDA test leases its worker's own GPU; an N-rank test leases the node's first N GPUs.
+    """
+    tokens = node_gpu_tokens()
+    world_size, _, device_kind = key
+    if tokens is None or device_kind != "cuda":
+        return [], None
+    if world_size == 1:
+        own = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        return [t for t in own.split(",") if t][:1], None
+    chosen = tokens[:world_size]
+    return chosen, ",".join(chosen)
 
 
 def _seed(nodeid: str) -> int:
@@ -129,14 +148,14 @@ class RankEngine:
         marker = item.get_closest_marker("world_size")
         return self.fresh or bool(marker and marker.kwargs.get("fresh"))
 
-    def pool_for(self, key: tuple, timeout: float) -> RankPool:
+    def pool_for(self, key: tuple, timeout: float, gpus: str | None = None) -> RankPool:
         pool = self.pools.get(key)
         if pool is not None and pool.alive:
             return pool
         if pool is not None:
             pool.kill()
         world_size, backend, device_kind = key
-        pool = RankPool(world_size, backend, device_kind, pg_timeout=timeout + 60.0)
+        pool = RankPool(world_size, backend, device_kind, pg_timeout=timeout + 60.0, cuda_visible_devices=gpus)
         pool.start(deadline_seconds=max(START_DEADLINE_FLOOR, timeout))
         self.starts += 1
         self.pools[key] = pool
@@ -157,13 +176,18 @@ class RankEngine:
         except UnsendableFixture as exc:
             pytest.fail(str(exc), pytrace=False)
         timeout = self._timeout_of(pyfuncitem)
+        leased, gpus = gpus_to_lease(key)
         try:
-            pool = self.pool_for(key, timeout)
-        except RankStartError as exc:
-            self.discard(key)
-            pytest.fail(f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]}): {exc}",
-                        pytrace=False)
-        result = pool.run(request, timeout)
+            with lease(leased, timeout=max(START_DEADLINE_FLOOR, timeout) * 2):
+                try:
+                    pool = self.pool_for(key, timeout, gpus)
+                except RankStartError as exc:
+                    self.discard(key)
+                    pytest.fail(f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]}): {exc}",
+                                pytrace=False)
+                result = pool.run(request, timeout)
+        except LeaseTimeout as exc:
+            pytest.fail(str(exc), pytrace=False)
         verdict = judge(result, key[0], timeout)
         if not verdict.reusable or self._fresh_for(pyfuncitem):
             self.discard(key)

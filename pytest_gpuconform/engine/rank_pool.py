@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
@@ -55,8 +56,10 @@ class RankStartError(RuntimeError):
 
 
 class RankPool:
-    def __init__(self, world_size: int, backend: str | None, device_kind: str, pg_timeout: float) -> None:
+    def __init__(self, world_size: int, backend: str | None, device_kind: str, pg_timeout: float,
+                 cuda_visible_devices: str | None = None) -> None:
         self.world_size = world_size
+        self.cuda_visible_devices = cuda_visible_devices  # set for the ranks only (leased GPUs)
         self.backend = backend
         self.device_kind = device_kind
         self.pg_timeout = pg_timeout
@@ -83,7 +86,8 @@ class RankPool:
                 sys_path=tuple(sys.path),
             )
             process = context.Process(target=main, args=(spec, child), name=f"gpuconform-rank{rank}", daemon=True)
-            process.start()
+            with _environ(CUDA_VISIBLE_DEVICES=self.cuda_visible_devices):  # spawn copies os.environ
+                process.start()
             child.close()
             self.ranks.append(RankState(rank, process, parent, spec.log_path, spec.stack_path))
         waiting = {r.conn: r for r in self.ranks}
@@ -220,6 +224,20 @@ class RankPool:
                 pass
         self.ranks = []
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextmanager
+def _environ(**values):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def describe_exit(code: int | None) -> str:

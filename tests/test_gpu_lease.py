@@ -1,0 +1,82 @@
+"""GPU leases: exclusive, ordered, bounded in time; used by multi-rank CUDA tests under -n."""
+
+import multiprocessing
+import time
+
+import pytest
+
+from pytest_gpuconform.gpu_lease import LeaseTimeout, lease
+
+
+def _hold(tokens, seconds, ready, lock_dir):
+    import os
+
+    os.environ["GPUCONFORM_LOCK_DIR"] = lock_dir
+    with lease(tokens, timeout=5):
+        ready.set()
+        time.sleep(seconds)
+
+
+@pytest.fixture
+def holder(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPUCONFORM_LOCK_DIR", str(tmp_path))
+    context = multiprocessing.get_context("spawn")
+    started = []
+
+    def start(tokens, seconds):
+        ready = context.Event()
+        process = context.Process(target=_hold, args=(tokens, seconds, ready, str(tmp_path)))
+        process.start()
+        assert ready.wait(30), "holder never got its lease"
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.join()
+
+
+def test_a_leased_gpu_is_not_handed_out_twice(holder):
+    holder(["0"], seconds=3)
+    started = time.monotonic()
+    with pytest.raises(LeaseTimeout, match="GPU 0 stayed leased by another pytest worker"):
+        with lease(["0"], timeout=0.3):
+            pass
+    assert time.monotonic() - started < 2
+
+
+def test_lease_waits_for_release(holder):
+    holder(["1"], seconds=1)
+    started = time.monotonic()
+    with lease(["1"], timeout=20):
+        waited = time.monotonic() - started
+    assert 0.2 < waited < 15
+
+
+def test_other_gpus_stay_free(holder):
+    holder(["0"], seconds=3)
+    with lease(["1", "2"], timeout=0.5):
+        pass
+
+
+def test_multi_rank_cuda_test_under_xdist_leases_gpus_instead_of_skipping(run_gpuconform, pytester, fake_nvml,
+                                                                         tmp_path, monkeypatch):
+    from conftest import h100
+
+    fake_nvml({"gpus": [h100(0), h100(1)]})
+    locks = tmp_path / "locks"
+    monkeypatch.setenv("GPUCONFORM_LOCK_DIR", str(locks))
+    pytester.makepyfile(test_two="""
+        import pytest
+
+        @pytest.mark.world_size(2)
+        def test_two(rank):
+            pass
+    """)
+    result = run_gpuconform("-n", "2", "-k", "cuda", "-rs")
+    # The CPU build of torch cannot start CUDA ranks: the point is that the test was
+    # scheduled onto two leased GPUs instead of being skipped for the worker's one GPU.
+    result.stdout.no_fnmatch_line("*SKIPPED*needs 2 GPU*")
+    result.stdout.fnmatch_lines(["*could not start 2 rank(s) (nccl, cuda)*"])
+    assert sorted(p.name for p in locks.iterdir()) == ["gpu-0.lock", "gpu-1.lock"]
