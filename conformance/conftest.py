@@ -13,3 +13,17 @@ def cuda_probe(node_inventory):
     from pytest_gpuconform.probe import run_probe
 
     return run_probe()
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Run the test with one intra-op thread. The single-device models of the suite are
+    tiny: torch's intra-op threads only add contention (on a busy 2-core box two threads
+    made checks 10-100x slower), and the numerics compared do not depend on the thread
+    count, since both sides of every comparison run with the same setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

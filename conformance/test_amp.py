@@ -25,17 +25,7 @@ from ._cuda_numerics import bitwise_reproducible, true_fp32
 LOW_DTYPES = ("fp16", "bf16")
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """The models here are tiny: torch's intra-op threads only add contention. On a busy
-    2-core CI box two threads made these checks 10-100x slower (spinning workers), and the
-    numerics compared do not depend on the thread count (both sides run with the same)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # -- op lists ------------------------------------------------------------------------------

@@ -38,17 +38,7 @@ VARIANTS = ("non_reentrant", "reentrant", "sequential_non_reentrant", "sequentia
 MEMORY_VARIANTS = ("non_reentrant", "reentrant", "sequential_2", "sequential_4", "selective")
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """The models here are tiny: torch's intra-op threads only add contention. On a busy
-    2-core CI box two threads made these checks 10-100x slower (spinning workers), and the
-    numerics compared do not depend on the thread count (both sides run with the same)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # -- how each variant runs a Sequential of blocks ---------------------------------------------

@@ -54,7 +54,6 @@ class GpuconformSession:
         self.cluster = None
         self.merged_junit: str | None = None
         self._template_junit_path(config)
-        self.measurements: list[tuple[str, list[tuple[str, object]]]] = []
         self._check_xdist(config)
         from .engine.pytest_bridge import RankEngine
 
@@ -221,13 +220,6 @@ class GpuconformSession:
         if self.cluster is not None:
             self.cluster.close()
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call":
-            return
-        measured = [(k, v) for k, v in report.user_properties if k not in STANDARD_PROPERTIES]
-        if measured:
-            self.measurements.append((report.nodeid, measured))
-
     def pytest_terminal_summary(self, terminalreporter) -> None:
         from .summary import summary_lines_from_stats  # issue 6: area x (device, dtype, ws) table
 
@@ -238,7 +230,3 @@ class GpuconformSession:
 
 
 STRICT_FAILURE: pytest.StashKey[str] = pytest.StashKey()
-
-
-def _short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
