@@ -38,9 +38,14 @@ def gpu_need(marker: pytest.Mark | None, nodeid: str) -> GpuNeed | None:
         raise MarkerError(f"{nodeid}: gpu(n={n!r}): n must be a whole number >= 1")
     cc = kwargs.pop("min_compute_capability", None)
     if cc is not None:
-        cc = tuple(int(p) for p in str(cc).split(".")) if not isinstance(cc, tuple) else cc
-    need = GpuNeed(n=n, bf16=bool(kwargs.pop("bf16", False)), min_compute_capability=cc,
-                   min_memory_gib=kwargs.pop("min_memory_gib", None))
+        try:
+            cc = tuple(int(p) for p in (cc if isinstance(cc, tuple) else str(cc).split(".")))
+        except ValueError:
+            raise MarkerError(f"{nodeid}: gpu(min_compute_capability={cc!r}): expected e.g. '8.0' or (8, 0)") from None
+    memory = kwargs.pop("min_memory_gib", None)
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
+        raise MarkerError(f"{nodeid}: gpu(min_memory_gib={memory!r}): expected a number of GiB > 0")
+    need = GpuNeed(n=n, bf16=bool(kwargs.pop("bf16", False)), min_compute_capability=cc, min_memory_gib=memory)
     if kwargs:
         raise MarkerError(f"{nodeid}: gpu() got unknown keywords {sorted(kwargs)}; "
                                 "accepted: n, bf16, min_compute_capability, min_memory_gib")

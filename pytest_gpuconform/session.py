@@ -132,12 +132,15 @@ class GpuconformSession:
         """(reason this item cannot run here, whether the reason is missing GPUs)."""
         params = getattr(getattr(item, "callspec", None), "params", {})
         need = gpu_need(item.get_closest_marker("gpu"), item.nodeid)
-        device = params.get("device")
+        device = params.get("device") or ("cuda" if need else None)
         ranks = params.get("world_size") or 1
-        if self.cluster is not None and "world_size" in params:
-            return self._cluster_reason(ranks, device), False
+        in_cluster_world = self.cluster is not None and "world_size" in params
+        if in_cluster_world:
+            reason = self._cluster_reason(ranks, device)
+            if reason:
+                return reason, False
         n = max(need.n if need else 0, ranks if device == "cuda" else 0)
-        if n:
+        if n and not in_cluster_world:  # a cluster world's GPUs are spread over its nodes
             tokens = gpu_lease.node_gpu_tokens() if "world_size" in params else None
             reason = gpu_count_shortfall(self.node, n, None if tokens is None else len(tokens))
             if reason:
@@ -150,7 +153,7 @@ class GpuconformSession:
             reason = dtype_shortfall(self.node, params["dtype"], device, max(n, 1))
             if reason:
                 return reason, False
-        if device == "cpu" and "world_size" in params and ranks > self.cpu_ranks:
+        if device == "cpu" and "world_size" in params and ranks > self.cpu_ranks and not in_cluster_world:
             return (f"needs {ranks} gloo ranks; this CPU node hosts at most {self.cpu_ranks} "
                     f"(--gpuconform-cpu-ranks)"), False
         return None, False

@@ -92,7 +92,9 @@ def test_cluster_mode_with_xdist_is_a_usage_error(pytester, monkeypatch):
 
 @pytest.mark.parametrize("environ, expected", [
     ({"TORCHELASTIC_RUN_ID": "j", "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, ("torchrun", 3, 8)),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_LOCALID": "5"}, ("srun", 5, 16)),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_LOCALID": "5", "SLURM_STEP_ID": "0"},
+     ("srun", 5, 16)),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_NNODES": "2"}, None),  # the batch script, not a step
     ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}, None),  # one task per node: per-node sweep
     ({}, None),
 ])
@@ -101,3 +103,78 @@ def test_cluster_detection(environ, expected):
 
     world = detect(dict(environ, GPUCONFORM_HOST="h"))
     assert (None if world is None else (world.launcher, world.rank, world.world_size)) == expected
+
+
+def _rank_xml(name: str, result: str, multi_rank: bool = True) -> str:
+    props = '<properties><property name="world_size" value="2" /></properties>' if multi_rank else ""
+    return (f'<testsuites><testsuite name="pytest" tests="1"><testcase classname="t" name="{name}" time="0.1">'
+            f'{props}{result}</testcase></testsuite></testsuites>')
+
+
+def test_merge_fails_a_multi_rank_test_whose_ranks_disagree_about_skipping():
+    from pytest_gpuconform.engine.cluster_report import failed, merge
+
+    skip = '<skipped message="no bf16 here" />'
+    merged = merge([("a", 0, _rank_xml("t1", skip)), ("b", 1, _rank_xml("t1", ""))])
+    assert failed(merged)
+    assert "ranks disagree about skipping: a/r0:skipped, b/r1:passed" in merged.find(".//failure").get("message")
+    per_node = merge([("a", 0, _rank_xml("t2", skip, False)), ("b", 1, _rank_xml("t2", "", False))])
+    assert not failed(per_node), "a per-node check may skip on one node and pass on another"
+    both = merge([("a", 0, _rank_xml("t3", skip)), ("b", 1, _rank_xml("t3", skip))])
+    assert not failed(both) and both.find(".//skipped").get("message") == "no bf16 here"
+
+
+def test_srun_without_rendezvous_address_is_a_clear_usage_error(pytester, monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_NNODES", "1")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*cluster mode under srun: MASTER_ADDR and MASTER_PORT not set*"])
+
+
+HANGS = """
+import time
+import pytest, torch
+import torch.distributed as dist
+
+@pytest.mark.world_size(2, timeout=3)
+def test_a_python_hang(rank):
+    if rank == 0:
+        time.sleep(3600)
+
+@pytest.mark.world_size(2)
+def test_b_rank0_fails_early(rank):
+    if rank == 0:
+        raise RuntimeError("rank 0 gave up before its all_reduce")
+    dist.all_reduce(torch.ones(1))
+
+@pytest.mark.world_size(2)
+def test_c_next_test_still_pairs_correctly(rank):
+    t = torch.full((1,), 10.0 * (rank + 1))
+    dist.all_reduce(t)
+    assert t.item() == 30.0, f"got {t.item()}: collectives of an earlier test leaked into this one"
+"""
+
+
+def test_cluster_hang_and_early_failure_stay_in_their_own_test(tmp_path):
+    (tmp_path / "test_hangs.py").write_text(HANGS)
+    port = _free_port()
+    log = open(tmp_path / "torchrun.log", "w+")
+    run = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider",
+         "test_hangs.py", "-k", "cpu", "--gpuconform-timeout", "5", "--junitxml", "reports/junit-{host}-r{rank}.xml"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=240,
+        env=dict(os.environ, MASTER_PORT=str(port)),
+    )
+    log.seek(0)
+    output = log.read()
+    assert run.returncode != 0, output[-3000:]
+    cases = {c.get("name"): c for c in ET.parse(tmp_path / "reports" / "junit-cluster.xml").getroot().iter("testcase")}
+    hang = cases["test_a_python_hang[ws2-cpu]"].find("failure")
+    assert hang is not None and "timed out after 3 s" in hang.get("message") and "rank 0" in hang.get("message")
+    assert cases["test_b_rank0_fails_early[ws2-cpu]"].find("failure") is not None
+    assert cases["test_c_next_test_still_pairs_correctly[ws2-cpu]"].find("failure") is None, output[-4000:]

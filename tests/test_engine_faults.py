@@ -89,8 +89,16 @@ def lock_holder():
 def test_g1_unpicklable_fixture(rank, lock_holder):
     pass
 
+@pytest.fixture
+def per_rank_data(rank):
+    return rank * 10
+
 @pytest.mark.world_size(2)
-def test_g2_after(rank, world_size, tmp_path):
+def test_g2_fixture_needing_rank(per_rank_data):
+    pass
+
+@pytest.mark.world_size(2)
+def test_g3_after(rank, world_size, tmp_path):
     assert tmp_path.exists()
     _healthy(rank, world_size)
 """
@@ -126,8 +134,8 @@ def _failure(cases, name):
 def test_every_case_is_in_the_junit_file_and_the_run_continued(fault_run):
     done, cases, _ = fault_run
     assert done.returncode == 1, done.stdout[-3000:]
-    assert len(cases) == 14, sorted(cases)
-    for name in ("test_a2_after", "test_b2_after", "test_c2_after", "test_d2_after", "test_e2_after", "test_g2_after"):
+    assert len(cases) == 15, sorted(cases)
+    for name in ("test_a2_after", "test_b2_after", "test_c2_after", "test_d2_after", "test_e2_after", "test_g3_after"):
         case = cases[f"{name}[ws2-cpu]"]
         assert len(case) == 0 or case[0].tag == "properties", f"{name} did not pass after a fault"
 
@@ -183,6 +191,8 @@ def test_unpicklable_fixture_is_named(fault_run):
     _, cases, _ = fault_run
     message, _ = _failure(cases, "test_g1_unpicklable_fixture")
     assert "fixture 'lock_holder'" in message and "cannot be sent to the rank processes" in message
+    message, _ = _failure(cases, "test_g2_fixture_needing_rank")
+    assert "fixture 'per_rank_data'" in message and "depends on rank, which only exist inside the ranks" in message
 
 
 def test_gpu_world_size_beyond_node_is_skipped_with_reason(run_gpuconform, pytester, fake_nvml):

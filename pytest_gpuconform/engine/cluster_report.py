@@ -87,8 +87,14 @@ def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed) -> tuple[ET.E
     summary = " ".join(f"{h}/r{r}:{o}" for h, r, o, _ in outcomes) + "".join(f" {h}/r{r}:missing" for h, r in missing)
     ET.SubElement(props, "property", {"name": "ranks", "value": summary})
     bad = [(h, r, o, c) for h, r, o, c in outcomes if o in ("failure", "error")]
+    skip_reasons = {(c.find("skipped").get("message") or "") for _, _, o, c in outcomes if o == "skipped"}
+    skipped = [(h, r) for h, r, o, _ in outcomes if o == "skipped"]
+    # For a multi-rank test, all ranks ran one body: a partial skip is a defect. Per-node
+    # tests (no world_size) may skip on some nodes and pass on others (a CPU node beside GPUs).
+    multi_rank = any(p.get("name") == "world_size" for p in first.findall("properties/property"))
+    disagree = multi_rank and bool(skipped) and (len(skipped) != len(outcomes) or len(skip_reasons) != 1)
     system_out = []
-    if bad or missing:
+    if bad or missing or disagree:
         tag = "failure"  # the JUnit schema has no <error>; errors keep type="error"
         lines, texts = [], []
         for host, rank, outcome, case in bad:
@@ -97,6 +103,8 @@ def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed) -> tuple[ET.E
             texts.append(f"--- host {host} rank {rank} ---\n{element.text or ''}")
         for host, rank in missing:
             lines.append(f"no result from host {host} rank {rank} (rank crashed or its report is missing)")
+        if disagree:
+            lines.append("ranks disagree about skipping: " + ", ".join(f"{h}/r{r}:{o}" for h, r, o, _ in outcomes))
         attrs = {"message": "; ".join(lines)}
         if bad and all(o == "error" for _, _, o, _ in bad):
             attrs["type"] = "error"

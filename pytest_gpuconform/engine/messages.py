@@ -16,7 +16,8 @@ class RunTest:
     module_name: str
     module_file: str
     function: str  # qualified name inside the module: "test_x" or "TestCls.test_x"
-    kwargs: dict  # controller-resolved fixture values, already checked to pickle
+    kwargs: dict[str, bytes]  # controller-resolved fixture values, each pickled on its own
+    instance: bytes | None  # the pickled test-class instance (setup_method state), or None
     rank_fixtures: tuple[str, ...]  # fixture names the rank must provide itself
     sys_path: tuple[str, ...]
     seed: int

@@ -58,11 +58,14 @@ def load(module_name: str, module_file: str) -> types.ModuleType:
     return _exec_rewritten(module_name, module_file, spec)
 
 
-def resolve(module: types.ModuleType, qualname: str):
-    """'test_x' or 'TestCls.test_x' -> a callable (class tests get a fresh instance)."""
+def resolve(module: types.ModuleType, qualname: str, instance=None):
+    """'test_x' or 'TestCls.test_x' -> a callable. Class tests are bound to the controller's
+    instance (sent pickled), so state set by setup_method or class fixtures arrives too."""
     owner, _, name = qualname.rpartition(".")
     if not owner:
         return getattr(module, name)
+    if instance is not None:
+        return getattr(instance, name)
     cls = module
     for part in owner.split("."):
         cls = getattr(cls, part)

@@ -11,6 +11,7 @@ fails, times out or crashes in them, or fresh ranks are asked for.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import pickle
 
@@ -94,6 +95,20 @@ class RankFailureRepr:
         return self.text
 
 
+def _rank_side_dependencies(item: pytest.Function, name: str, seen: set | None = None) -> set[str]:
+    """Rank-side fixtures a controller-resolved fixture depends on, directly or not."""
+    seen = set() if seen is None else seen
+    found: set[str] = set()
+    for fixturedef in item._fixtureinfo.name2fixturedefs.get(name, ()):  # overrides and what they override
+        for arg in fixturedef.argnames:
+            if arg in RANK_SIDE:
+                found.add(arg)
+            elif arg not in seen:
+                seen.add(arg)
+                found |= _rank_side_dependencies(item, arg, seen)
+    return found
+
+
 def controller_kwargs(item: pytest.Function) -> tuple[dict, tuple[str, ...]]:
     """Fixture values resolved here and pickled to the ranks, plus the names ranks provide."""
     kwargs, rank_side = {}, []
@@ -101,28 +116,43 @@ def controller_kwargs(item: pytest.Function) -> tuple[dict, tuple[str, ...]]:
         if name in RANK_SIDE:
             rank_side.append(name)
             continue
-        value = item.funcargs[name]
-        try:
-            pickle.dumps(value)
-        except Exception as exc:
+        depends = _rank_side_dependencies(item, name)
+        if depends:
             raise UnsendableFixture(
-                f"fixture {name!r} of {item.nodeid} has a value of type {type(value).__name__} that cannot be "
-                f"sent to the rank processes ({type(exc).__name__}: {exc}); multi-rank tests can only "
-                f"receive picklable fixture values (paths, numbers, strings, tensors, dataclasses)"
-            ) from None
-        kwargs[name] = value
+                f"fixture {name!r} of {item.nodeid} depends on {', '.join(sorted(depends))}, which only exist "
+                f"inside the ranks; fixtures of multi-rank tests are resolved once in the controller, so compute "
+                f"per-rank values in the test body instead"
+            )
+        kwargs[name] = _pickled(item, f"fixture {name!r}", item.funcargs[name])
     return kwargs, tuple(rank_side)
+
+
+def _pickled(item: pytest.Function, what: str, value) -> bytes:
+    """Pickled on its own, so the rank can name exactly what failed to arrive."""
+    try:
+        return pickle.dumps(value)
+    except Exception as exc:
+        raise UnsendableFixture(
+            f"{what} of {item.nodeid} has a value of type {type(value).__name__} that cannot be "
+            f"sent to the rank processes ({type(exc).__name__}: {exc}); multi-rank tests can only "
+            f"receive picklable values (paths, numbers, strings, tensors, dataclasses)"
+        ) from None
 
 
 def build_request(item: pytest.Function) -> RunTest:
     import sys
 
+    function = item.obj
+    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function) or inspect.isgeneratorfunction(function):
+        raise UnsendableFixture(f"{item.nodeid} is a coroutine or generator function; multi-rank test bodies "
+                                "must be plain functions (nothing would run them to completion in the ranks)")
     kwargs, rank_side = controller_kwargs(item)
+    instance = _pickled(item, "the test class instance", item.instance) if item.cls is not None else None
     module = item.module
     qualname = item.originalname if item.cls is None else f"{item.cls.__qualname__}.{item.originalname}"
     return RunTest(
         nodeid=item.nodeid, module_name=module.__name__, module_file=module.__file__, function=qualname,
-        kwargs=kwargs, rank_fixtures=rank_side, sys_path=tuple(sys.path), seed=_seed(item.nodeid),
+        kwargs=kwargs, instance=instance, rank_fixtures=rank_side, sys_path=tuple(sys.path), seed=_seed(item.nodeid),
         dtype_name=_params(item).get("dtype"),
     )
 
@@ -150,13 +180,19 @@ class RankEngine:
 
     def pool_for(self, key: tuple, timeout: float, gpus: str | None = None) -> RankPool:
         pool = self.pools.get(key)
-        if pool is not None and pool.alive:
+        if pool is not None and pool.alive and pool.pg_timeout >= timeout + 60.0:
             return pool
         if pool is not None:
             pool.kill()
         world_size, backend, device_kind = key
         pool = RankPool(world_size, backend, device_kind, pg_timeout=timeout + 60.0, cuda_visible_devices=gpus)
-        pool.start(deadline_seconds=max(START_DEADLINE_FLOOR, timeout))
+        try:
+            pool.start(deadline_seconds=max(START_DEADLINE_FLOOR, timeout))
+        except BaseException as exc:
+            pool.kill()  # never leave half-started ranks or their directory behind
+            if isinstance(exc, RankStartError):
+                raise
+            raise RankStartError(f"{type(exc).__name__}: {exc}") from exc
         self.starts += 1
         self.pools[key] = pool
         return pool

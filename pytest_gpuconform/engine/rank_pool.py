@@ -109,7 +109,13 @@ class RankPool:
                                              f"({describe_exit(state.process.exitcode)}):\n{self._log(state)}")
                     continue
                 state = waiting.pop(item)
-                message = state.conn.recv()
+                try:
+                    message = state.conn.recv()
+                except (EOFError, OSError):
+                    state.process.join(1.0)
+                    self.kill()
+                    raise RankStartError(f"rank {state.rank} died during start-up "
+                                         f"({describe_exit(state.process.exitcode)}):\n{self._log(state)}") from None
                 if isinstance(message, StartupFailed):
                     self.kill()
                     raise RankStartError(f"rank {message.rank} failed to start:\n{message.traceback}")
@@ -159,7 +165,8 @@ class RankPool:
                     result.reports[state.rank] = state.report
                 else:
                     result.exitcodes[state.rank] = state.exitcode
-                if (state.report is None or state.report.outcome == "failed") and pending:
+                if (state.report is None or state.report.outcome != "passed") and pending:
+                    # A failure, death or skip: peers waiting for this rank in a collective never return.
                     deadline = min(deadline, time.perf_counter() + grace)
         result.elapsed = time.perf_counter() - started
         result.running = sorted(s.rank for s in pending.values())

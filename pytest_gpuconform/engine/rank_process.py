@@ -101,6 +101,20 @@ def _init_process_group(torch, spec: RankSpec) -> None:
     )
 
 
+class UnpicklableInRank(Exception):
+    pass
+
+
+def _unpickle(what: str, data: bytes):
+    import pickle
+
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise UnpicklableInRank(f"{what} could not be rebuilt in the rank ({type(exc).__name__}: {exc}); "
+                                "its class must be importable from a module the rank can import") from None
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
@@ -120,10 +134,13 @@ def run_one(request: RunTest, spec: RankSpec, state: _GlobalState, device) -> Ra
     try:
         state.restore(request.seed, spec.device_kind)
         module = module_loader.load(request.module_name, request.module_file)
-        function = module_loader.resolve(module, request.function)
-        kwargs = dict(request.kwargs)
+        kwargs = {name: _unpickle(f"fixture {name!r}", data) for name, data in request.kwargs.items()}
+        instance = _unpickle("the test class instance", request.instance) if request.instance else None
+        function = module_loader.resolve(module, request.function, instance)
         kwargs.update(rank_fixtures.provide(request.rank_fixtures, spec, device, records, request))
         function(**kwargs)
+        if spec.device_kind == "cuda":
+            state.torch.cuda.synchronize()  # a faulting kernel fails this test, not the next one
         outcome, message, text = "passed", "", ""
     except Skipped as exc:
         outcome, message, text = "skipped", str(exc.msg), ""
@@ -135,6 +152,11 @@ def run_one(request: RunTest, spec: RankSpec, state: _GlobalState, device) -> Ra
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        if spec.device_kind == "cuda":
+            try:  # hand cached blocks back: under -n, neighbours lease these GPUs next
+                state.torch.cuda.empty_cache()
+            except RuntimeError as exc:  # a broken context: the next test's synchronize reports it
+                print(f"gpuconform: empty_cache failed after the test: {exc}", file=sys.stderr)
     return RankReport(spec.rank, outcome, message=message, traceback=text,
                       records=list(records), duration=time.perf_counter() - started)
 
