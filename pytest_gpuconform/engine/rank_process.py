@@ -161,8 +161,24 @@ def run_one(request: RunTest, spec: RankSpec, state: _GlobalState, device) -> Ra
                       records=list(records), duration=time.perf_counter() - started)
 
 
+def _die_with_controller() -> None:
+    """Linux: SIGKILL this rank when the controller dies (even by SIGKILL), so a rank
+    blocked in a collective can never outlive the run and keep its GPU."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        print("gpuconform: prctl(PR_SET_PDEATHSIG) unavailable; ranks may outlive a killed controller",
+              file=sys.stderr)
+
+
 def main(spec: RankSpec, conn) -> None:
     """Entry point of the spawned rank process."""
+    _die_with_controller()
     _redirect_output(spec.log_path)
     stack_file = open(spec.stack_path, "a", buffering=1)
     faulthandler.enable(file=sys.stderr, all_threads=True)
