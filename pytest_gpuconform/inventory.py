@@ -98,7 +98,7 @@ def _torch_versions() -> tuple[str, str, str, str, bool]:
         if torch.distributed.is_available() and torch.distributed.is_nccl_available():
             raw = torch.cuda.nccl.version()
             nccl = ".".join(map(str, raw)) if isinstance(raw, tuple) else str(raw)
-    except Exception:
+    except Exception:  # NCCL missing or unloadable: "none" here; test_nccl_available fails on GPU nodes
         nccl = ""
     gloo = bool(torch.distributed.is_available() and torch.distributed.is_gloo_available())
     return torch.__version__, torch.version.cuda or "", cudnn, nccl, gloo

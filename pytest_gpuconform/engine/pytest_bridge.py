@@ -236,7 +236,9 @@ class RankEngine:
                 item.add_report_section("call", "stdout", f"[rank {rank}]\n{output[rank]}")
         item.user_properties.extend(verdict.records)
         if verdict.outcome == "skipped":
-            pytest.skip(verdict.headline)
+            skip = pytest.skip.Exception(verdict.headline)
+            skip._use_item_location = True  # report the test's own location, not this file's
+            raise skip
         if verdict.outcome == "failed":
             item.stash[VERDICT_KEY] = verdict
             pytest.fail(verdict.longrepr(), pytrace=False)
