@@ -88,3 +88,19 @@ def test_suite_properties_survive_xdist(pytester):
     result.assert_outcomes(passed=2)
     names = {p.get("name") for p in ET.parse(pytester.path / "out.xml").getroot().iter("property")}
     assert {"gpuconform.host", "gpuconform.torch", "gpuconform.gpu_count"} <= names
+
+
+def test_one_line_junit_message_also_under_xdist(pytester):
+    pytester.makepyfile(test_f="""
+        import pytest
+
+        @pytest.mark.world_size(2)
+        def test_fails(rank):
+            assert rank == 0, f"rank {rank} disagrees"
+    """)
+    result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", ".", "-n", "2", "-k", "cpu",
+                                           "--junitxml=out.xml")
+    result.assert_outcomes(failed=1, skipped=0)
+    failure = next(ET.parse(pytester.path / "out.xml").getroot().iter("failure"))
+    assert failure.get("message").startswith("rank 1 failed: AssertionError: rank 1 disagrees")
+    assert "ranks:" not in failure.get("message") and "ranks:" in failure.text

@@ -82,10 +82,10 @@ class RankFailureRepr:
     per-rank summary.
     """
 
-    def __init__(self, item: pytest.Item, verdict: Verdict) -> None:
-        path, lineno, _ = item.location
-        self.reprcrash = _Crash(path, (lineno or 0) + 1, verdict.headline)
-        self.text = verdict.longrepr()
+    def __init__(self, location: tuple, headline: str, text: str) -> None:
+        path, lineno, _ = location
+        self.reprcrash = _Crash(path, (lineno or 0) + 1, headline)
+        self.text = text
 
     def toterminal(self, tw) -> None:
         for line in self.text.splitlines():
@@ -248,8 +248,17 @@ class RankEngine:
         report = yield
         verdict = item.stash.get(VERDICT_KEY, None)
         if verdict is not None and call.when == "call" and report.failed:
-            report.longrepr = RankFailureRepr(item, verdict)
+            report.longrepr = RankFailureRepr(item.location, verdict.headline, verdict.longrepr())
+            # Plain attributes survive xdist's report serialisation; the repr object does not.
+            report.gpuconform_headline = verdict.headline
         return report
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """On the xdist controller: give a rank failure back its one-line JUnit message."""
+        headline = getattr(report, "gpuconform_headline", None)
+        if headline and isinstance(report.longrepr, str):
+            report.longrepr = RankFailureRepr(report.location, headline, report.longrepr)
 
     def pytest_sessionfinish(self) -> None:
         for key in list(self.pools):
