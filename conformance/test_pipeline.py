@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ._comparisons import WithinTolerance
-from ._dist_models import LinearStage, pipeline_blocks
+from ._dist_models import LinearStage, global_batches, pipeline_blocks
 from ._rank_verdicts import gather_float, raise_if_any
 
 WIDTH = 16
@@ -78,13 +78,7 @@ def _microbatches(n_stages: int) -> int:
 
 
 def _data(batch: int, width: int, device):
-    generator = torch.Generator().manual_seed(DATA_SEED)
-    steps = []
-    for _ in range(STEPS):
-        x = torch.randn(batch, width, generator=generator)
-        y = torch.randn(batch, width, generator=generator)
-        steps.append((x.to(device), y.to(device)))
-    return steps
+    return global_batches(STEPS, batch, width, width, DATA_SEED, device)
 
 
 def _step(schedule, x, y, first: bool, last: bool):
