@@ -56,19 +56,22 @@ def _judge(gpus, rule, record, name):
         pytest.skip(f"{name}: not applicable on any GPU: " + "; ".join(notes))
 
 
-def test_no_uncorrectable_ecc_errors(node_health, record):
+def _record_counters(node_health, record, counters) -> None:
+    """Record each GPU's reading of these counters (those its card has)."""
     for gpu in node_health:
-        for counter in ("ecc_mode", "ecc_uncorrected_volatile", "ecc_corrected_volatile", "ecc_uncorrected_aggregate"):
+        for counter in counters:
             if counter in gpu.values:
                 record(f"gpu{gpu.index}_{counter}", gpu.values[counter])
+
+
+def test_no_uncorrectable_ecc_errors(node_health, record):
+    _record_counters(node_health, record, ("ecc_mode", "ecc_uncorrected_volatile", "ecc_corrected_volatile",
+                                           "ecc_uncorrected_aggregate"))
     _judge(node_health, health_rules.ecc, record, "ecc")
 
 
 def test_no_pending_memory_repairs(node_health, record):
-    for gpu in node_health:
-        for counter in ("remapped_rows_correctable", "remapped_rows_uncorrectable"):
-            if counter in gpu.values:
-                record(f"gpu{gpu.index}_{counter}", gpu.values[counter])
+    _record_counters(node_health, record, ("remapped_rows_correctable", "remapped_rows_uncorrectable"))
     _judge(node_health, health_rules.memory_repair, record, "memory_repair")
 
 
@@ -80,10 +83,7 @@ def test_no_hardware_throttling(node_health, record):
 
 
 def test_pcie_link_at_max(node_health, record):
-    for gpu in node_health:
-        for counter in ("pcie_gen", "pcie_max_gen", "pcie_width", "pcie_max_width", "pcie_replay_counter"):
-            if counter in gpu.values:
-                record(f"gpu{gpu.index}_{counter}", gpu.values[counter])
+    _record_counters(node_health, record, ("pcie_gen", "pcie_max_gen", "pcie_width", "pcie_max_width", "pcie_replay_counter"))
     _judge(node_health, health_rules.pcie_link, record, "pcie_link")
 
 
