@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from ._cuda_numerics import bitwise_reproducible, true_fp32
+from pytest_gpuconform.checks import bitwise_reproducible, true_fp32
 
 LOW_DTYPES = ("fp16", "bf16")
 
@@ -110,7 +110,7 @@ def _check_ops(ops, device, dtype, in_dtype, want_dtype, record, list_name):
     """Each op under autocast: output dtype ``want_dtype`` and bitwise equal to the op on inputs
     cast to ``want_dtype`` by hand (autocast off)."""
     import torch
-    from ._comparisons import mismatch
+    from pytest_gpuconform.checks import mismatch
 
     problems = []
     for name, fn, args in ops:
@@ -191,7 +191,7 @@ def _block_run(block, x, grad_out, autocast_dtype=None):
 def test_autocast_block_matches_fp32(device, dtype, tolerance, record):
     """A transformer-like block under autocast: Linears run in ``dtype``, and the output and
     every gradient are within the table's rel-L2 bound of the fp32 reference."""
-    from ._comparisons import relative_l2
+    from pytest_gpuconform.checks import relative_l2
 
     block, x, grad_out = _block_and_input(device)
     with true_fp32(device):
@@ -327,7 +327,7 @@ def test_grad_scaler_skips_nonfinite_and_rescales(device, dtype, optimizer, tole
     two is exact in fp16/bf16 until values under- or overflow, so the two runs may differ only
     where the control's low-precision gradients were subnormal: bounded by the dtype's atol."""
     import torch
-    from ._comparisons import mismatch, not_close
+    from pytest_gpuconform.checks import mismatch, not_close
 
     torch.manual_seed(10)
     batches = [(torch.randn(16, 8, device=device), torch.randn(16, 8, device=device)) for _ in range(4)]

@@ -23,7 +23,7 @@ import functools
 
 import pytest
 
-from ._cuda_numerics import bitwise_reproducible
+from pytest_gpuconform.checks import bitwise_reproducible
 
 N_BLOCKS = 8
 WIDTH = 64
@@ -124,7 +124,7 @@ def _checkpointed_run(where: str, *args, **kwargs) -> dict:
 
 def _compare_bitwise(where: str, got: dict, want: dict, record) -> None:
     """Every tensor of ``want`` bitwise equal in ``got``; one line naming those that are not."""
-    from ._comparisons import mismatch
+    from pytest_gpuconform.checks import mismatch
 
     worst = 0.0
     problems = []

@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ._comparisons import mismatch
-from ._rank_verdicts import gather_float, raise_if_any, same_on_all_ranks
+from pytest_gpuconform.checks import mismatch
+from pytest_gpuconform.checks import gather_float, raise_if_any, same_on_all_ranks
 
 ELEMENT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int32": torch.int32}
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from ._comparisons import WithinTolerance, not_close, relative_l2, too_far
+from pytest_gpuconform.checks import WithinTolerance, not_close, relative_l2, too_far
 from ._dist_models import FEATURES, OUTPUTS, CheckpointableMLP, global_batches, rank_slice, seeded_model
-from ._rank_verdicts import gather_float, raise_if_any, same_on_all_ranks
+from pytest_gpuconform.checks import gather_float, raise_if_any, same_on_all_ranks
 
 STEPS = 3
 LOCAL_BATCH = 4

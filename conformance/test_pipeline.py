@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ._comparisons import WithinTolerance
+from pytest_gpuconform.checks import WithinTolerance
 from ._dist_models import LinearStage, global_batches, pipeline_blocks
-from ._rank_verdicts import gather_float, raise_if_any
+from pytest_gpuconform.checks import gather_float, raise_if_any
 
 WIDTH = 16
 MICROBATCH = 2

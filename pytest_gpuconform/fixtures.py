@@ -112,6 +112,6 @@ def expect_gpus(request: pytest.FixtureRequest) -> int:
 def memory_meter():
     """``with memory_meter.track(device) as m:`` -> m.live_bytes, m.peak_bytes (any device,
     counted by a dispatch mode) and m.cuda_peak_bytes / m.cuda_allocated_bytes on CUDA."""
-    from .memory import MemoryMeter
+    from .checks.memory import MemoryMeter
 
     return MemoryMeter()

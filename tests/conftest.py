@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
-FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
-
-
-def h100(index: int, **extra) -> dict:
-    return {"name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-{index:08d}-aaaa-bbbb-cccc-{index:012d}",
-            "bus_id": f"00000000:{0x18 + index:02X}:00.0", "memory_gib": 80, "cc": [9, 0], **extra}
+from support import FAKE_NVML_DIR
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ RANK_SIDE = frozenset({"rank", "world_size", "device", "record", "process_group"
 
 
 def _memory_meter(device):
-    from pytest_gpuconform.memory import MemoryMeter
+    from pytest_gpuconform.checks.memory import MemoryMeter
 
     return MemoryMeter()  # stateless; the test passes the device to track()
 

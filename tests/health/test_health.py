@@ -12,7 +12,7 @@ import json
 import sys
 
 import pytest
-from conftest import FAKE_NVML_DIR, h100
+from support import FAKE_NVML_DIR, h100
 
 from pytest_gpuconform import health, health_rules
 

@@ -30,7 +30,7 @@ def test_missing_driver_is_a_cpu_node(pytester, fake_nvml, error):
 
 
 def test_header_and_junit_carry_the_inventory(pytester, fake_nvml):
-    from conftest import h100
+    from support import h100
 
     fake_nvml({"driver": "550.54.15", "cuda": 12040, "gpus": [h100(0), h100(1)]})
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
@@ -47,7 +47,7 @@ def test_header_and_junit_carry_the_inventory(pytester, fake_nvml):
 
 
 def test_inventory_command_prints_json(pytester, fake_nvml):
-    from conftest import h100
+    from support import h100
 
     fake_nvml({"gpus": [h100(0)]})
     result = pytester.run(GPUCONFORM, "inventory")

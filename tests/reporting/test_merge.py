@@ -14,10 +14,11 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+import support
 
 from pytest_gpuconform.cli import main
 
-DATA = Path(__file__).parent / "data"
+DATA = support.DATA
 SCHEMA = DATA / "junit-10-testcase-properties.xsd"
 NODE_A = DATA / "junit-node-a.xml"
 NODE_B = DATA / "junit-node-b.xml"

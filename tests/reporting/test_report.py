@@ -17,13 +17,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import support
 
 from pytest_gpuconform import report
 from pytest_gpuconform.cli import main
 
-DATA = Path(__file__).parent / "data"
+DATA = support.DATA
 SCHEMA = DATA / "junit-10-testcase-properties.xsd"
-FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
+FAKE_NVML_DIR = support.FAKE_NVML_DIR
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 

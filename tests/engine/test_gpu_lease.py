@@ -62,7 +62,7 @@ def test_other_gpus_stay_free(holder):
 
 def test_multi_rank_cuda_test_under_xdist_leases_gpus_instead_of_skipping(run_gpuconform, pytester, fake_nvml,
                                                                          tmp_path, monkeypatch):
-    from conftest import h100
+    from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1)]})
     locks = tmp_path / "locks"

@@ -77,7 +77,7 @@ def test_gpu_marker_skips_with_reason_on_cpu_node(run_gpuconform, pytester):
 
 
 def test_gpu_capabilities_come_from_nvml(run_gpuconform, pytester, fake_nvml):
-    from conftest import h100
+    from support import h100
 
     volta = dict(h100(0), name="Tesla V100-SXM2-16GB", cc=[7, 0], memory_gib=16)
     fake_nvml({"gpus": [volta]})

@@ -32,7 +32,7 @@ def _pins(directory) -> dict[str, set[str]]:
 
 
 def test_auto_gives_one_worker_per_gpu(run_gpuconform, pytester, fake_nvml, tmp_path):
-    from conftest import h100
+    from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1)]})
     out = tmp_path / "notes"
@@ -48,7 +48,7 @@ def test_auto_gives_one_worker_per_gpu(run_gpuconform, pytester, fake_nvml, tmp_
 
 
 def test_outer_device_list_is_indexed_not_replaced(run_gpuconform, pytester, fake_nvml, tmp_path, monkeypatch):
-    from conftest import h100
+    from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1), h100(2), h100(3)]})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
@@ -62,7 +62,7 @@ def test_outer_device_list_is_indexed_not_replaced(run_gpuconform, pytester, fak
 
 
 def test_restarted_worker_keeps_its_gpu(run_gpuconform, pytester, fake_nvml, tmp_path):
-    from conftest import h100
+    from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1)]})
     out = tmp_path / "notes"
@@ -80,7 +80,7 @@ def test_restarted_worker_keeps_its_gpu(run_gpuconform, pytester, fake_nvml, tmp
 
 
 def test_more_workers_than_gpus_is_a_usage_error(pytester, fake_nvml):
-    from conftest import h100
+    from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1)]})
     result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", "-n", "3")

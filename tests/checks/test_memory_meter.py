@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils import checkpoint as ckpt
 
-from pytest_gpuconform.memory import MemoryMeter
+from pytest_gpuconform.checks.memory import MemoryMeter
 
 LAYERS, WIDTH, BATCH = 6, 32, 16
 UNIT = BATCH * WIDTH * 4  # bytes of one fp32 activation

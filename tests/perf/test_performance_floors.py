@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import h100  # CPU-node skips of these checks: tests/test_health.py
+from support import h100  # CPU-node skips of these checks: tests/test_health.py
 
 from pytest_gpuconform import floors, health, nvml, peers, perf
 from pytest_gpuconform.conformance import test_performance as shipped

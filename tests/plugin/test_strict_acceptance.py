@@ -30,7 +30,7 @@ def test_shipped_suite_fails_with_expect_gpus_on_cpu_node(pytester):
 
 
 def test_expect_gpus_satisfied_by_fake_nvml_does_not_fail(run_gpuconform, pytester, fake_nvml):
-    from conftest import h100
+    from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1)]})
     pytester.makepyfile(test_s="""

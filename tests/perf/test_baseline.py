@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import h100
+from support import h100
 
 from pytest_gpuconform import baseline
 

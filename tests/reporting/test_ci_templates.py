@@ -19,10 +19,11 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+import support
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to parse the YAML templates (pip install pyyaml)")
 
-CI = Path(__file__).parent.parent / "ci"
+CI = support.ROOT / "ci"
 GITHUB = CI / "github" / "gpu-conformance-nightly.yml"
 GITLAB = CI / "gitlab" / "gpu-conformance.gitlab-ci.yml"
 KUBERNETES = CI / "kubernetes" / "gpuconform-indexed-job.yaml"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._comparisons import mismatch
+from .compare import mismatch
 
 
 def raise_if_any(problem: str | None, rank: int, world_size: int, check: str) -> None:

@@ -196,7 +196,7 @@ def test_unpicklable_fixture_is_named(fault_run):
 
 
 def test_gpu_world_size_beyond_node_is_skipped_with_reason(run_gpuconform, pytester, fake_nvml):
-    from conftest import h100
+    from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1)]})
     pytester.makepyfile(test_big="""

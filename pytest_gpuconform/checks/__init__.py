@@ -1,0 +1,42 @@
+"""The public API for check authors: what the shipped suite uses, and what your own checks use.
+
+The shipped conformance suite imports its helpers from here and nowhere else in the plugin,
+so a team writing its own multi-rank checks has exactly the same tools (README: "Writing
+your own checks"). Everything listed in ``__all__`` is kept stable; the modules behind it
+are not.
+
+* Comparisons (``compare``): exact (``mismatch``), torch.testing's rule (``not_close``,
+  ``WithinTolerance``), relative L2 (``relative_l2``, ``too_far``). Each returns ``None`` or
+  a one-line account of where and how large the difference is.
+* Rank verdicts (``rank_verdicts``): every rank states what it found, all ranks fail
+  together (``raise_if_any``); bitwise agreement with rank 0 (``same_on_all_ranks``);
+  gathering one number or string from every rank (``gather_float``, ``gather_text``).
+* CUDA numerics (``numerics``): true fp32 references (``true_fp32``: TF32 off) and
+  bitwise-reproducible blocks (``bitwise_reproducible``); no-ops on CPU.
+* Memory (``memory``): ``MemoryMeter``, bytes a block keeps alive on any device.
+* ``Tolerance``: the row type of the tolerance table the ``tolerance`` fixture returns.
+"""
+
+from ..tolerances import Tolerance
+from .compare import WithinTolerance, mismatch, not_close, relative_l2, too_far
+from .memory import MemoryMeter, MemoryReading
+from .numerics import bitwise_reproducible, true_fp32
+from .rank_verdicts import collective_device, gather_float, gather_text, raise_if_any, same_on_all_ranks
+
+__all__ = [
+    "MemoryMeter",
+    "MemoryReading",
+    "Tolerance",
+    "WithinTolerance",
+    "bitwise_reproducible",
+    "collective_device",
+    "gather_float",
+    "gather_text",
+    "mismatch",
+    "not_close",
+    "raise_if_any",
+    "relative_l2",
+    "same_on_all_ranks",
+    "too_far",
+    "true_fp32",
+]
