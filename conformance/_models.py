@@ -15,7 +15,6 @@ import math
 import torch
 from torch import nn
 
-
 ACTIVATIONS_PER_BLOCK = 4
 
 

@@ -1,5 +1,5 @@
 """Fixtures shared by the shipped suite's modules (the plugin's own fixtures are in
-pytest_gpuconform.fixtures)."""
+pytest_gpuconform/fixtures.py)."""
 
 import pytest
 
@@ -10,7 +10,7 @@ def cuda_probe(node_inventory):
     creates a CUDA context). Skips on nodes where NVML sees no GPU."""
     if node_inventory.node.count == 0:
         pytest.skip(f"NVML sees no GPU on this node ({node_inventory.node.message})")
-    from pytest_gpuconform.probe import run_probe
+    from pytest_gpuconform.checks.hardware import run_probe
 
     return run_probe()
 

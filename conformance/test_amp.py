@@ -110,6 +110,7 @@ def _check_ops(ops, device, dtype, in_dtype, want_dtype, record, list_name):
     """Each op under autocast: output dtype ``want_dtype`` and bitwise equal to the op on inputs
     cast to ``want_dtype`` by hand (autocast off)."""
     import torch
+
     from pytest_gpuconform.checks import mismatch
 
     problems = []
@@ -157,6 +158,7 @@ def test_autocast_fp32_ops(device, dtype, record):
 
 def _block_and_input(device):
     import torch
+
     from ._models import TinyTransformerBlock
 
     torch.manual_seed(3)
@@ -223,6 +225,7 @@ def _train_losses(device, autocast_dtype=None):
     """Per-step losses of a short Adam run of TinyRegressor; fp16 uses a GradScaler, as a
     real fp16 run must (bf16 has fp32's range and needs none)."""
     import torch
+
     from ._models import TinyRegressor
 
     torch.manual_seed(5)
@@ -250,8 +253,8 @@ def test_autocast_training_tracks_fp32(device, dtype, tolerance, record):
     with true_fp32(device):
         want, _ = _train_losses(device)
     got, scales = _train_losses(device, autocast_dtype=dtype)
-    record("scaler_backoffs", sum(later < earlier for earlier, later in zip(scales, scales[1:])))
-    rel = [abs(g - w) / abs(w) for g, w in zip(got, want)]
+    record("scaler_backoffs", sum(later < earlier for earlier, later in zip(scales, scales[1:], strict=False)))
+    rel = [abs(g - w) / abs(w) for g, w in zip(got, want, strict=True)]
     worst_step = max(range(len(rel)), key=rel.__getitem__)
     record("max_loss_rel_diff", rel[worst_step])
     record("worst_step", worst_step)
@@ -327,6 +330,7 @@ def test_grad_scaler_skips_nonfinite_and_rescales(device, dtype, optimizer, tole
     two is exact in fp16/bf16 until values under- or overflow, so the two runs may differ only
     where the control's low-precision gradients were subnormal: bounded by the dtype's atol."""
     import torch
+
     from pytest_gpuconform.checks import mismatch, not_close
 
     torch.manual_seed(10)
@@ -367,10 +371,10 @@ def test_grad_scaler_skips_nonfinite_and_rescales(device, dtype, optimizer, tole
             f"GradScaler({device.type}) + {optimizer}, {bad} at step {SKIP_STEP + 1} of 4: scale after each step "
             f"{scales} (expected {EXPECTED_SCALES}: init {INIT_SCALE:g}, growth 2 every step, backoff 0.5)"
         )
-        worst = max(float((p - c).detach().abs().max()) for p, c in zip(model.parameters(), control.parameters()))
+        worst = max(float((p - c).detach().abs().max()) for p, c in zip(model.parameters(), control.parameters(), strict=True))
         record(f"max_param_diff_vs_control_{bad}", worst)
         off = [o for o in (not_close(p, c, tolerance.rtol, tolerance.atol, f"param {name}")
-                           for (name, p), c in zip(model.named_parameters(), control.parameters())) if o]
+                           for (name, p), c in zip(model.named_parameters(), control.parameters(), strict=True)) if o]
         assert not off, (
             f"GradScaler({device.type}) + {optimizer} ({dtype}), {bad} at step {SKIP_STEP + 1}: after 4 steps the "
             f"scaled run differs from the unscaled control: " + "; ".join(off[:3])
@@ -408,6 +412,7 @@ def test_autocast_activation_memory(device, dtype, memory_meter, record):
     """Bytes kept after forward under autocast, relative to fp32, are at most the analytic
     ratio for 2-byte activations plus the cast weight copies."""
     import torch
+
     from . import _models
 
     n_blocks, width, batch = 8, 64, 256

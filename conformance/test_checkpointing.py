@@ -87,6 +87,7 @@ def _runner(variant: str):
 
 def _model_and_input(device, dtype, dropout=0.0):
     import torch
+
     from ._models import mlp_blocks
 
     torch.manual_seed(1234)
@@ -290,6 +291,7 @@ def test_checkpoint_activation_memory(device, variant, memory_meter, record):
     """Activation bytes kept after forward, checkpointed / plain, measured in this process,
     are at most the analytic ratio of the variant (plus a little bookkeeping slack)."""
     import torch
+
     from . import _models
 
     model, x, grad_out = _model_and_input(device, torch.float32)
@@ -341,7 +343,7 @@ def test_checkpoint_sequential_recomputes_all_but_last_chunk(device, use_reentra
     checkpointed = (N_BLOCKS // SEGMENTS) * (SEGMENTS - 1)
     expected = [2] * checkpointed + [1] * (N_BLOCKS - checkpointed)
     record("blocks_recomputed", sum(c - 1 for c in calls))
-    wrong = [f"block {i} ran {c}x, expected {e}x" for i, (c, e) in enumerate(zip(calls, expected)) if c != e]
+    wrong = [f"block {i} ran {c}x, expected {e}x" for i, (c, e) in enumerate(zip(calls, expected, strict=True)) if c != e]
     assert not wrong, (
         f"checkpoint_sequential({N_BLOCKS} blocks, segments={SEGMENTS}, use_reentrant={use_reentrant}) ({device}): "
         f"{'; '.join(wrong)} (blocks 0-{checkpointed - 1} recomputed once, last chunk "

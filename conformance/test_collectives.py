@@ -21,8 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pytest_gpuconform.checks import mismatch
-from pytest_gpuconform.checks import gather_float, raise_if_any, same_on_all_ranks
+from pytest_gpuconform.checks import gather_float, mismatch, raise_if_any, same_on_all_ranks
 
 ELEMENT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int32": torch.int32}
 

@@ -22,9 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from pytest_gpuconform.checks import WithinTolerance, not_close, relative_l2, too_far
+from pytest_gpuconform.checks import (
+    WithinTolerance,
+    gather_float,
+    not_close,
+    raise_if_any,
+    relative_l2,
+    same_on_all_ranks,
+    too_far,
+)
+
 from ._dist_models import FEATURES, OUTPUTS, CheckpointableMLP, global_batches, rank_slice, seeded_model
-from pytest_gpuconform.checks import gather_float, raise_if_any, same_on_all_ranks
 
 STEPS = 3
 LOCAL_BATCH = 4
@@ -77,7 +85,7 @@ def _compare_with_reference(ddp_model, reference_model, judge, rank, world_size,
     reference = list(_train(reference_model, batches, lambda t: t, device, autocast_dtype))
     mine = _train(ddp_model, batches, lambda t: rank_slice(t, rank, world_size), device, autocast_dtype)
     problems, largest, params = [], 0.0, {}
-    for step, ((grads, params), (ref_grads, ref_params)) in enumerate(zip(mine, reference), start=1):
+    for step, ((grads, params), (ref_grads, ref_params)) in enumerate(zip(mine, reference, strict=True), start=1):
         for name in ref_grads:
             for kind, got, want in (("grad", grads[name], ref_grads[name]), ("param", params[name], ref_params[name])):
                 largest = max(largest, (got.double() - want.double()).abs().max().item())

@@ -111,9 +111,9 @@ def test_nccl_available(node_inventory, record):
 
 def test_bf16_claim_matches_capability(node_inventory, cuda_probe):
     assert "error" not in cuda_probe, cuda_probe.get("error")
-    for gpu, seen in zip(node_inventory.node.visible, cuda_probe["devices"]):
+    for gpu, seen in zip(node_inventory.node.visible, cuda_probe["devices"], strict=False):
         assert seen["bf16_supported"] == gpu.has_bf16, (
-            f"GPU {gpu.label()}: torch.cuda.is_bf16_supported() is {seen['bf16_supported']}, "
+            f"{gpu.label()}: torch.cuda.is_bf16_supported() is {seen['bf16_supported']}, "
             f"compute capability says {gpu.has_bf16}"
         )
 

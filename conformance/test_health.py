@@ -3,27 +3,28 @@
 Read in the pytest process through NVML (no CUDA context), so these tests request no
 ``device`` and carry no ``gpu`` marker (the engine would send a gpu-marked body to a CUDA
 rank); ``node_health`` skips them on CPU nodes, or fails them under
-``--gpuconform-expect-gpus`` like a gpu-marked test. A counter the card does not offer (NotSupported, NoPermission, a driver without
-the call) is "not applicable": the GPU is skipped for that check with the reason recorded,
-and the test skips when no GPU had the counter.
+``--gpuconform-expect-gpus`` like a gpu-marked test. A counter the card does not offer
+(NotSupported, NoPermission, a driver without the call) is "not applicable": the GPU is
+skipped for that check with the reason recorded, and the test skips when no GPU had the
+counter.
 
 PCIe links drop generation (on some platforms width) while a GPU idles, to save power, so
 ``test_pcie_link_at_max`` notes an idle GPU below its maximum instead of failing it and
-test_performance.py::test_pcie_link_under_load judges the same link while a GEMM runs. Every failure line names the GPU by index,
-UUID and PCI bus id, and the counter with its value and bound.
+test_performance.py::test_pcie_link_under_load judges the same link while a GEMM runs.
+Every failure line names the GPU by index, UUID and PCI bus id, and the counter with its
+value and bound.
 """
 
 import pytest
 
-from pytest_gpuconform import health, health_rules, requirements
-from pytest_gpuconform.health_watch import run_last
+from pytest_gpuconform.checks.hardware import HealthUnavailable, gpu_count_shortfall, health_rules, read_node, run_last
 
 
 def _require_gpus(health_watch, node_inventory, expect_gpus):
     """Skip on CPU nodes (fail under strict acceptance), as the gpu marker does."""
     if health_watch.uuids:
         return
-    reason = requirements.gpu_count_shortfall(node_inventory.node, 1)
+    reason = gpu_count_shortfall(node_inventory.node, 1)
     if expect_gpus:
         pytest.fail(f"strict acceptance (--gpuconform-expect-gpus {expect_gpus}): {reason}", pytrace=False)
     pytest.skip(reason)
@@ -34,8 +35,8 @@ def node_health(health_watch, node_inventory, expect_gpus):
     """A fresh reading of every GPU the run uses."""
     _require_gpus(health_watch, node_inventory, expect_gpus)
     try:
-        return health.read_node(health_watch.uuids)
-    except health.HealthUnavailable as exc:
+        return read_node(health_watch.uuids)
+    except HealthUnavailable as exc:
         pytest.fail(f"NVML sees GPUs but health counters cannot be read: {exc}", pytrace=False)
 
 
@@ -120,7 +121,7 @@ def test_counters_unchanged_during_run(health_watch, node_inventory, expect_gpus
         record(f"xid_note_{uuid}", note)
     try:
         problems = health_watch.changes()
-    except health.HealthUnavailable as exc:
+    except HealthUnavailable as exc:
         pytest.fail(f"health counters could not be read at the end of the run: {exc}", pytrace=False)
     record("gpus_watched", len(health_watch.uuids))
     if problems:

@@ -3,14 +3,14 @@
 Hard rules fail at once elsewhere; here a number is measured (warm-up, then the median of
 timed repeats), recorded, and compared three ways:
 
-* with the floor for the GPU's model (pytest_gpuconform/data/perf_floors.json: vendor peak
+* with the floor for the GPU's model (pytest_gpuconform/perf/data/perf_floors.json: vendor peak
   x a documented fraction); a model without a floor is recorded and its floor skipped with
   the reason;
 * with the node's other GPUs (peer comparison): a GPU more than --gpuconform-peer-fraction
   below the median fails, which catches a slow board that still clears the floor. So one
   test measures every visible GPU in turn, in its own process (a CUDA rank of the engine);
 * with a saved baseline, when --gpuconform-baseline is given (numbers named *_tflops and
-  *_gbps; see pytest_gpuconform/baseline.py).
+  *_gbps; see pytest_gpuconform/perf/baseline.py).
 
 Under pytest-xdist each worker sees one GPU, so the peer comparison has nothing to compare
 and says so; run the performance tests without -n for it.
@@ -18,28 +18,21 @@ and says so; run the performance tests without -n for it.
 
 import pytest
 
-from pytest_gpuconform import floors, health_rules, peers, perf
+from pytest_gpuconform.checks import hardware
+from pytest_gpuconform.checks.hardware import health_rules
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 ALL_REDUCE_NUMEL = 64 * 2**20  # 256 MiB of fp32: large enough for NCCL to reach its bus bandwidth
 
 
 @pytest.fixture(scope="module")
-def perf_setup(request, node_inventory):
-    path = request.config.getoption("gpuconform_perf_floors")
-    try:
-        table = floors.load(path)
-    except floors.BadFloors as exc:
-        pytest.fail(f"--gpuconform-perf-floors: {exc}", pytrace=False)
+def perf_setup(node_inventory, perf_floors, gpuconform_settings):
     node = node_inventory.node
-    return perf.PerfSetup(tuple(node.gpus), tuple(node.visible), table,
-                          request.config.getoption("gpuconform_peer_fraction"))
+    return hardware.PerfSetup(tuple(node.gpus), tuple(node.visible), perf_floors, gpuconform_settings.peer_fraction)
 
 
 def _label(gpu, uuid: str, ordinal: int) -> str:
-    if gpu is None:
-        return f"GPU cuda:{ordinal} ({uuid}, bus unknown)"
-    return f"GPU {gpu.index} ({gpu.uuid}, bus {gpu.pci_bus_id})"
+    return hardware.cuda_ordinal_label(ordinal, uuid) if gpu is None else gpu.label()
 
 
 @pytest.mark.gpu
@@ -49,14 +42,14 @@ def test_gemm_throughput(precision, perf_setup, record):
     import torch
 
     problems, skipped_floors, measured = [], [], {}
-    for ordinal, uuid in perf.cuda_devices():
+    for ordinal, uuid in hardware.cuda_devices():
         gpu = perf_setup.gpu(uuid)
         label = _label(gpu, uuid, ordinal)
         major, _ = torch.cuda.get_device_capability(ordinal)
         if precision in ("tf32", "bf16") and major < 8:
             skipped_floors.append(f"{label}: {precision} needs compute capability >= 8.0")
             continue
-        result = perf.measure_gemm(torch.device("cuda", ordinal), precision)
+        result = hardware.measure_gemm(torch.device("cuda", ordinal), precision)
         name = f"gpu{gpu.index if gpu else ordinal}_{precision}_tflops"
         record(name, result.tflops)
         measured[label] = result.tflops
@@ -70,7 +63,7 @@ def test_gemm_throughput(precision, perf_setup, record):
         if result.tflops < floor:
             problems.append(f"{label}: {precision} GEMM {result.n}^3 = {result.tflops:.4g} TFLOP/s, "
                             f"bound >= {floor:.4g} (floor for {model.model})")
-    slow = peers.slow_peers(measured, perf_setup.peer_fraction)
+    slow = hardware.slow_peers(measured, perf_setup.peer_fraction)
     problems += [s.line(f"{precision} GEMM", "TFLOP/s", perf_setup.peer_fraction) for s in slow]
     if len(measured) < 2:
         record("peer_comparison", f"skipped: {len(measured)} GPU measured in this process, needs >= 2")
@@ -91,19 +84,17 @@ def test_pcie_link_under_load(perf_setup, record):
     """
     import torch
 
-    from pytest_gpuconform import health
-
     problems, judged, notes = [], 0, []
-    for ordinal, uuid in perf.cuda_devices():
+    for ordinal, uuid in hardware.cuda_devices():
         loaded = {}
 
-        def read_link(uuid=uuid):
-            loaded.update({g.uuid: g for g in health.read_node([uuid])})
+        def read_link(uuid=uuid, loaded=loaded):
+            loaded.update({g.uuid: g for g in hardware.read_node([uuid])})
 
         precision = "bf16" if torch.cuda.get_device_capability(ordinal)[0] >= 8 else "fp16"
         # ~50 ms of warm-up brings the GPU to full clocks (and its link out of idle), then
         # the link is read while ~100 ms of queued matmuls still run (H100 figures)
-        perf.measure_gemm(torch.device("cuda", ordinal), precision, n=8192, warmup=40, repeats=80,
+        hardware.measure_gemm(torch.device("cuda", ordinal), precision, n=8192, warmup=40, repeats=80,
                           while_loaded=read_link)
         reading = loaded.get(uuid)
         if reading is None:
@@ -126,7 +117,7 @@ def test_pcie_link_under_load(perf_setup, record):
 @pytest.mark.world_size(2, 4, 8)
 def test_all_reduce_bus_bandwidth(rank, world_size, device, perf_setup, record):
     """all_reduce bus bandwidth (nccl-tests' busbw) of 256 MiB fp32 over NCCL."""
-    median_ms, busbw = perf.measure_all_reduce(device, world_size, ALL_REDUCE_NUMEL)
+    median_ms, busbw = hardware.measure_all_reduce(device, world_size, ALL_REDUCE_NUMEL)
     record("all_reduce_ms", median_ms)
     record("all_reduce_busbw_gbps", busbw)
     models = {g.name for g in perf_setup.visible[:world_size]}
@@ -140,7 +131,7 @@ def test_all_reduce_bus_bandwidth(rank, world_size, device, perf_setup, record):
         pytest.skip(f"measured {busbw:.4g} GB/s; floor not judged: {reason}")
     floor = model.all_reduce_busbw_gbps
     record("all_reduce_busbw_gbps_floor", floor)
-    gpus = ", ".join(f"GPU {g.index} ({g.uuid}, bus {g.pci_bus_id})" for g in perf_setup.visible[:world_size])
+    gpus = ", ".join(g.label() for g in perf_setup.visible[:world_size])
     assert busbw >= floor, (
         f"all_reduce busbw over {world_size} ranks = {busbw:.4g} GB/s, bound >= {floor:.4g} "
         f"(floor for {model.model}); GPUs {gpus}"

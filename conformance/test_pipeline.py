@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pytest_gpuconform.checks import WithinTolerance
+from pytest_gpuconform.checks import WithinTolerance, gather_float, raise_if_any
+
 from ._dist_models import LinearStage, global_batches, pipeline_blocks
-from pytest_gpuconform.checks import gather_float, raise_if_any
 
 WIDTH = 16
 MICROBATCH = 2
@@ -255,7 +255,8 @@ def test_pipeline_memory(rank, world_size, device, memory_meter, record):
     problems = []
     if not peaks["1F1B"] < peaks["GPipe"]:
         problems.append(f"1F1B peak {peaks['1F1B']} B >= GPipe peak {peaks['GPipe']} B "
-                        f"(ratio {peaks['1F1B'] / peaks['GPipe']:.3f}, bound < 1) at {MEMORY_MICROBATCHES} microbatches")
+                        f"(ratio {peaks['1F1B'] / peaks['GPipe']:.3f}, bound < 1) "
+                        f"at {MEMORY_MICROBATCHES} microbatches")
     if not peaks["GPipe"] < peaks["whole"]:
         problems.append(f"stage peak {peaks['GPipe']} B >= whole-model peak {peaks['whole']} B "
                         f"(ratio {peaks['GPipe'] / peaks['whole']:.3f}, bound < 1)")

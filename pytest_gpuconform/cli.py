@@ -1,4 +1,5 @@
-"""The ``gpuconform`` command: node inventory (and, as they land, report tools).
+"""The ``gpuconform`` command: ``inventory`` (this node as JSON), ``merge`` (many JUnit
+reports into one), ``report`` (one HTML page).
 
 Exit codes: 0 success, 2 bad input (a usage error or an unreadable file).
 """
@@ -11,7 +12,7 @@ import sys
 
 
 def _inventory(args: argparse.Namespace) -> int:
-    from .inventory import collect
+    from .node.inventory import collect
 
     data = collect().as_json()
     text = json.dumps(data, indent=2, sort_keys=False)
@@ -32,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     inv = commands.add_parser("inventory", help="print this node's inventory (versions, driver, GPUs) as JSON")
     inv.add_argument("-o", "--output", default="-", help="write the JSON to this file (default: stdout)")
     inv.set_defaults(func=_inventory)
-    from . import merge, report  # issue 6: gpuconform merge / gpuconform report
+    from .reporting import html, merge
 
     merge.add_command(commands)
-    report.add_command(commands)
+    html.add_command(commands)
     return parser
 
 

@@ -1,43 +1,41 @@
 """Fixtures of an enabled run (registered by plugin.py, so they work with --noconftest).
 
-``device``, ``world_size`` and ``dtype`` receive their values from the parametrization in
-parametrize.py; the names are turned into torch objects here, at run time.
+``device``, ``world_size`` and ``dtype`` receive their values from the parametrization
+(collection/parametrize.py); names are turned into torch objects here, at run time, so
+collection never imports torch. Everything else a fixture returns was resolved once at
+start-up: the settings (settings.py), the node inventory, the test's plan.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
-from .session import STATE_KEY, GpuconformSession
-
-
-def _state(request: pytest.FixtureRequest) -> GpuconformSession:
-    return request.config.stash[STATE_KEY]
-
-
-def _param(request: pytest.FixtureRequest, name: str, default):
-    callspec = getattr(request.node, "callspec", None)
-    return callspec.params.get(name, default) if callspec else default
+from .cluster.world import CLUSTER_KEY
+from .collection.plan import plan_of
+from .collection.policy import STRICT_FAILURE
+from .node.inventory import INVENTORY_KEY
+from .settings import SETTINGS_KEY
 
 
 @pytest.fixture
 def device(request: pytest.FixtureRequest):
-    """torch.device the test runs on: ``cpu``, or ``cuda:0`` (the process's first visible GPU)."""
+    """torch.device the test runs on: ``cpu``, or ``cuda:0`` (the process's first visible GPU;
+    in cluster mode the rank's own GPU)."""
     import torch
 
     name = getattr(request, "param", "cpu")
-    cluster = _state(request).cluster
-    if cluster is not None:
-        return cluster.device() if name == ("cuda" if cluster.backend == "nccl" else "cpu") else torch.device(name)
+    world = request.config.stash.get(CLUSTER_KEY, None)
+    if world is not None and name == world.device_kind == "cuda":
+        return torch.device("cuda", world.local_rank)
     return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu")
 
 
 @pytest.fixture
 def dtype(request: pytest.FixtureRequest):
     """torch dtype of this parameter (fp32 when the test has no dtype marker)."""
-    from .dtypes import to_torch
+    from .collection.dtypes import to_torch
 
     return to_torch(getattr(request, "param", "fp32"))
 
@@ -51,8 +49,8 @@ def world_size(request: pytest.FixtureRequest) -> int:
 @pytest.fixture
 def rank(request: pytest.FixtureRequest) -> int:
     """This process's rank (0 outside multi-rank tests; the launcher's rank in cluster mode)."""
-    cluster = _state(request).cluster
-    return cluster.world.rank if cluster is not None else 0
+    world = request.config.stash.get(CLUSTER_KEY, None)
+    return world.rank if world is not None else 0
 
 
 @pytest.fixture
@@ -66,9 +64,7 @@ def process_group(request: pytest.FixtureRequest):
 @pytest.fixture
 def gpu(request: pytest.FixtureRequest):
     """NVML facts (name, UUID, bus id, memory, compute capability) of the test's GPU."""
-    from .session import STRICT_FAILURE
-
-    node = _state(request).node
+    node = request.config.stash[INVENTORY_KEY].node
     if not node.visible and request.node.stash.get(STRICT_FAILURE, None):
         return None  # the test fails in its call phase (strict acceptance), not skipped here
     if not node.visible:
@@ -78,34 +74,54 @@ def gpu(request: pytest.FixtureRequest):
 
 @pytest.fixture
 def tolerance(request: pytest.FixtureRequest):
-    """The tolerance row (rtol, atol, rel_l2, loss_rel, cosine) for this test's dtype."""
-    return _state(request).tolerances[_param(request, "dtype", "fp32")]
+    """The tolerance row (rtol, atol, rel_l2, loss_rel) for this test's dtype."""
+    return request.config.stash[SETTINGS_KEY].tolerances[plan_of(request.node).dtype or "fp32"]
 
 
 @pytest.fixture
 def tolerance_table(request: pytest.FixtureRequest):
     """The whole tolerance table, after site overrides: {"fp32": Tolerance, ...}."""
-    return dict(_state(request).tolerances)
+    return dict(request.config.stash[SETTINGS_KEY].tolerances)
 
 
 @pytest.fixture
 def record(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
     """record(name, value): attach a measured number to the JUnit test case and the summary."""
-    from .recording import recorder
+    from .reporting.records import recorder
 
     return recorder(request.node.user_properties.append)
 
 
 @pytest.fixture(scope="session")
+def gpuconform_settings(request: pytest.FixtureRequest):
+    """The run's resolved settings (settings.py): options, ini and defaults, read once."""
+    return request.config.stash[SETTINGS_KEY]
+
+
+@pytest.fixture(scope="session")
 def node_inventory(request: pytest.FixtureRequest):
     """The node inventory (versions, driver, GPUs) collected at start-up."""
-    return _state(request).inventory
+    return request.config.stash[INVENTORY_KEY]
 
 
 @pytest.fixture(scope="session")
 def expect_gpus(request: pytest.FixtureRequest) -> int:
     """--gpuconform-expect-gpus (0 when not given)."""
-    return _state(request).expect_gpus
+    return request.config.stash[SETTINGS_KEY].expect_gpus
+
+
+@pytest.fixture(scope="session")
+def perf_floors(request: pytest.FixtureRequest):
+    """The performance floor table: the shipped one or --gpuconform-perf-floors, read at start-up."""
+    return request.config.stash[SETTINGS_KEY].perf_floors
+
+
+@pytest.fixture(scope="session")
+def health_watch(request: pytest.FixtureRequest):
+    """The run's health watch: start snapshot, XID events, end comparison (health/watch.py)."""
+    from .health.watch import WATCH_KEY
+
+    return request.config.stash[WATCH_KEY]
 
 
 @pytest.fixture

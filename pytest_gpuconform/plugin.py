@@ -1,4 +1,4 @@
-"""pytest entry point (``pytest11: gpuconform``).
+"""pytest entry point (``pytest11: gpuconform``): options, markers, and the wiring of a run.
 
 Loaded in every pytest run of an environment where the package is installed, so this module
 stays inert unless the plugin is enabled (``--gpuconform`` or ini ``gpuconform = true``):
@@ -6,11 +6,20 @@ it registers options and markers and nothing else. Markers are registered even w
 inactive so that ``--strict-markers`` accepts them; other projects' ``gpu`` markers keep
 their own meaning because no gpuconform logic runs for them.
 
-When enabled, the work is delegated to ``session.GpuconformSession`` (collection, skips,
-reports) and ``fixtures`` (the fixtures tests use), both imported only then.
+When enabled, ``pytest_configure`` does the start-up work, once, in this order: resolve the
+settings, take the node inventory, detect a cluster world, then register the feature
+plugins, whose constructors only store what they are given:
+
+* collection/policy.py: parameters, plans, skips, JUnit context properties;
+* engine/plugin.py: runs multi-rank and GPU tests in rank processes (per-node mode), or
+  cluster/plugin.py: joins the launcher's world (cluster mode);
+* reporting/plugin.py: header, suite properties, schema-safe JUnit, summary table;
+* health/watch.py, perf/baseline.py, xdist_glue.py (when xdist is active), fixtures.py.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
@@ -18,16 +27,14 @@ from . import options
 
 MARKERS = (
     "gpu(n=1, bf16=False, min_compute_capability=None, min_memory_gib=None): needs n visible GPUs "
-    "(with the given capabilities); skipped with the reason otherwise (pytest-gpuconform).",
+    "(with the given capabilities); skipped with the reason otherwise; the test runs on cuda only, "
+    "ids [cuda] (pytest-gpuconform).",
     "world_size(*sizes, timeout=None, fresh=False): run the test body in that many ranks with a "
-    "process group, one test id per size, e.g. [ws2] (pytest-gpuconform).",
+    "process group, one test id per size and device, e.g. [ws2-cpu] (gloo) and [ws2-cuda] (NCCL); "
+    "add the gpu marker to run only the cuda variant, or -k cpu to select (pytest-gpuconform).",
     "dtype(*names): parametrize over dtypes fp32/fp16/bf16 (or torch dtypes), one test id per "
     "dtype, skipped where the device lacks it (pytest-gpuconform).",
 )
-
-
-def is_enabled(config: pytest.Config) -> bool:
-    return bool(config.getoption("gpuconform", False) or config.getini("gpuconform"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,32 +45,70 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
-    if not is_enabled(config):
-        return
-    from .session import GpuconformSession
+    if options.is_enabled(config):
+        _start(config)
 
-    config.pluginmanager.register(GpuconformSession(config), GpuconformSession.PLUGIN_NAME)
+
+def _start(config: pytest.Config) -> None:
+    from .cluster import world as cluster_world
+    from .cluster.plugin import ClusterMode, check_rendezvous_environment
+    from .cluster.world import CLUSTER_KEY
+    from .collection.policy import CollectionPolicy
+    from .collection.suite import suite_dir
+    from .engine.plugin import RankEngine
+    from .health.watch import WATCH_KEY, HealthWatch
+    from .node.inventory import INVENTORY_KEY, collect
+    from .perf.baseline import BaselineState
+    from .reporting.plugin import ReportingPlugin
+    from .settings import SETTINGS_KEY, Settings
+    from .xdist_glue import XdistGlue
+
+    settings = Settings.resolve(config)
+    config.stash[SETTINGS_KEY] = settings
+    inventory = collect()
+    config.stash[INVENTORY_KEY] = inventory
+    world = cluster_world.detect(mode=settings.cluster)
+    if world is not None:
+        world = dataclasses.replace(world, backend="nccl" if inventory.node.count else "gloo")
+    register = config.pluginmanager.register
+    if config.pluginmanager.hasplugin("xdist"):
+        glue = XdistGlue(config)
+        glue.check_usage(world, inventory.node)
+        register(glue, XdistGlue.PLUGIN_NAME)
+    if world is not None:
+        check_rendezvous_environment(world)
+        config.stash[CLUSTER_KEY] = world
+
+    # {host} and {rank} in --junitxml: the shell cannot fill them in under torchrun. Done
+    # here, before junitxml's own pytest_configure opens the file (this hook is tryfirst).
+    junit_template = getattr(config.option, "xmlpath", None)
+    if junit_template:
+        host = world.host if world else inventory.host
+        config.option.xmlpath = cluster_world.template_path(junit_template, host, world.rank if world else 0)
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args[:] = [str(suite_dir())]
+
+    register(CollectionPolicy(settings, inventory, world), CollectionPolicy.PLUGIN_NAME)
+    if world is None:
+        register(RankEngine(), RankEngine.PLUGIN_NAME)
+    else:
+        register(ClusterMode(config, world, settings.timeout, junit_template, settings.cluster_junit),
+                 ClusterMode.PLUGIN_NAME)
+    register(ReportingPlugin(config, settings, inventory), ReportingPlugin.PLUGIN_NAME)
+    watch = HealthWatch(config, inventory.node)
+    config.stash[WATCH_KEY] = watch
+    register(watch, HealthWatch.PLUGIN_NAME)
+    register(BaselineState(settings, inventory), "gpuconform-baseline")
     config.pluginmanager.import_plugin("pytest_gpuconform.fixtures")
-    config.pluginmanager.import_plugin("pytest_gpuconform.health_watch")  # issue 7
-    config.pluginmanager.import_plugin("pytest_gpuconform.baseline")  # issue 7
 
 
-# xdist decides the worker count in pytest_cmdline_main, before pytest_configure, so these
-# two hooks live here (optionalhook: harmless when xdist is absent or disabled) and do
-# nothing unless the plugin is enabled.
+# xdist resolves "-n auto" in its pytest_cmdline_main, before pytest_configure registers
+# XdistGlue, so this one xdist hook lives here (optionalhook: harmless without xdist) and
+# answers only when the plugin is enabled.
 @pytest.hookimpl(optionalhook=True)
-def pytest_xdist_auto_num_workers(config: pytest.Config):
-    if not is_enabled(config):
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    if not options.is_enabled(config):
         return None
-    from .xdist_pinning import auto_num_workers
+    from .xdist_glue import XdistGlue
 
-    return auto_num_workers()
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_setupnodes(config: pytest.Config, specs) -> None:
-    if not is_enabled(config):
-        return
-    from .xdist_pinning import pin_workers_to_gpus
-
-    pin_workers_to_gpus(specs)
+    return XdistGlue.auto_num_workers()

@@ -15,9 +15,11 @@ are not.
   bitwise-reproducible blocks (``bitwise_reproducible``); no-ops on CPU.
 * Memory (``memory``): ``MemoryMeter``, bytes a block keeps alive on any device.
 * ``Tolerance``: the row type of the tolerance table the ``tolerance`` fixture returns.
+* ``hardware`` (import it as a module): NVML health, throughput timing, performance floors
+  and peer comparison, as the shipped hardware checks use them.
 """
 
-from ..tolerances import Tolerance
+from ..collection.tolerances import Tolerance
 from .compare import WithinTolerance, mismatch, not_close, relative_l2, too_far
 from .memory import MemoryMeter, MemoryReading
 from .numerics import bitwise_reproducible, true_fp32

@@ -19,8 +19,9 @@ import contextlib
 import functools
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
 
 @dataclass
@@ -37,7 +38,7 @@ class MemoryReading:
     """
 
     device: object
-    _tracker: object = field(repr=False)
+    _tracker: Any = field(repr=False)
     cuda_start_bytes: int | None = None
     cuda_peak_bytes: int | None = None  # set when the block ends
 

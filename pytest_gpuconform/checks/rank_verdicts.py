@@ -45,7 +45,7 @@ def gather_text(text: str, world_size: int) -> list[str]:
     padded[: data.numel()] = data
     slots = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(slots, padded)
-    return [bytes(slot[: int(n)].tolist()).decode() for slot, n in zip(slots, lengths)]
+    return [bytes(slot[: int(n)].tolist()).decode() for slot, n in zip(slots, lengths, strict=True)]
 
 
 def gather_float(value: float, world_size: int) -> list[float]:

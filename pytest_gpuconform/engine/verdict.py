@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .messages import RankReport
-from .rank_pool import PoolResult, describe_exit
+from .pool import PoolResult, describe_exit
+from .rank.messages import RankReport
 
 _DIST_FRAME = re.compile(r'File "[^"]*torch/distributed/[^"]*", line \d+ in (\w+)')
 

@@ -99,7 +99,7 @@ def test_cluster_mode_with_xdist_is_a_usage_error(pytester, monkeypatch):
     ({}, None),
 ])
 def test_cluster_detection(environ, expected):
-    from pytest_gpuconform.engine.cluster import detect
+    from pytest_gpuconform.cluster.world import detect
 
     world = detect(dict(environ, GPUCONFORM_HOST="h"))
     assert (None if world is None else (world.launcher, world.rank, world.world_size)) == expected
@@ -112,7 +112,7 @@ def _rank_xml(name: str, result: str, multi_rank: bool = True) -> str:
 
 
 def test_merge_fails_a_multi_rank_test_whose_ranks_disagree_about_skipping():
-    from pytest_gpuconform.engine.cluster_report import failed, merge
+    from pytest_gpuconform.cluster.fold import failed, merge
 
     skip = '<skipped message="no bf16 here" />'
     merged = merge([("a", 0, _rank_xml("t1", skip)), ("b", 1, _rank_xml("t1", ""))])

@@ -63,6 +63,29 @@ def test_marker_misuse_is_a_collection_error(run_gpuconform, pytester, marker, e
     result.stdout.no_fnmatch_line("*_multicall*")
 
 
+BAD_KEYWORDS = {
+    "test_soon": ('world_size(2, timeout="soon")',
+                  "*test_soon.py::test_bad*world_size(timeout='soon'): expected a number of seconds > 0*"),
+    "test_zero": ("world_size(2, timeout=0)", "*test_zero.py::test_bad*world_size(timeout=0): expected a number of seconds > 0*"),
+    "test_fresh": ('world_size(2, fresh="yes")', "*test_fresh.py::test_bad*world_size(fresh='yes'): expected True or False*"),
+    "test_foo": ("gpu(n=1, foo=2)", "*test_foo.py::test_bad*gpu() got unknown keywords *'foo'*; accepted: n, bf16*"),
+    "test_bf16": ('gpu(bf16="yes")', "*test_bf16.py::test_bad*gpu(bf16='yes'): expected True or False*"),
+    "test_dtkw": ('dtype("fp32", strict=True)', "*test_dtkw.py::test_bad*dtype() takes no keywords*"),
+}
+
+
+def test_bad_marker_keywords_are_collection_errors_naming_the_test(run_gpuconform, pytester):
+    """Keyword values are checked while collecting, never at run time (one run, one error each)."""
+    for name, (marker, _) in BAD_KEYWORDS.items():
+        pytester.makepyfile(**{name: f"import pytest\n\n@pytest.mark.{marker}\ndef test_bad():\n    pass\n"})
+    result = run_gpuconform()
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines([f"*{len(BAD_KEYWORDS)} errors*"])
+    for _, expected in BAD_KEYWORDS.values():
+        result.stdout.fnmatch_lines([expected])
+    result.stdout.no_fnmatch_line("*_multicall*")
+
+
 def test_gpu_marker_skips_with_reason_on_cpu_node(run_gpuconform, pytester):
     pytester.makepyfile(test_g="""
         import pytest
@@ -107,11 +130,11 @@ def test_gpu_capabilities_come_from_nvml(run_gpuconform, pytester, fake_nvml):
     result = run_gpuconform("-rs", "-k", "not cpu")
     result.assert_outcomes(skipped=5)
     result.stdout.fnmatch_lines_random([
-        "*needs bf16 (compute capability >= 8.0); GPU 0: Tesla V100-SXM2-16GB*",
-        "*needs >= 40 GiB GPU memory; GPU 0: Tesla V100*",
-        "*needs compute capability >= 8.0; GPU 0: Tesla V100*",
+        "*needs bf16 (compute capability >= 8.0); GPU 0 (*): Tesla V100-SXM2-16GB*",
+        "*needs >= 40 GiB GPU memory; GPU 0 (*): Tesla V100*",
+        "*needs compute capability >= 8.0; GPU 0 (*): Tesla V100*",
         "*needs 2 GPU(s), node has 1 visible GPU(s)*",
-        "*bf16 needs compute capability >= 8.0 (Ampere or newer); GPU 0: Tesla V100*",
+        "*bf16 needs compute capability >= 8.0 (Ampere or newer); GPU 0 (*): Tesla V100*",
     ])
 
 

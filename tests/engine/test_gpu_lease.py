@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pytest_gpuconform.gpu_lease import LeaseTimeout, lease
+from pytest_gpuconform.engine.gpu_lease import LeaseTimeout, lease
 
 
 def _hold(tokens, seconds, ready, lock_dir):

@@ -16,6 +16,7 @@ by an autouse fixture of its own module so that modules imported together stay i
 from __future__ import annotations
 
 import pytest
+
 from support.rank_faults import assert_caught, run_faulted
 
 RE_EXPORT = "from pytest_gpuconform.conformance.test_amp import {name}\n"

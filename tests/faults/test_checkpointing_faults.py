@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from support.rank_faults import assert_caught, run_faulted
 
 RE_EXPORT = "from pytest_gpuconform.conformance.test_checkpointing import {name}\n"

@@ -9,6 +9,7 @@ must fail naming the rank, the tensor and how wrong it is. One subprocess runs t
 from __future__ import annotations
 
 import pytest
+
 from support.rank_faults import assert_caught, run_faulted
 
 RE_EXPORT = "from pytest_gpuconform.conformance.test_collectives import {name}\n"

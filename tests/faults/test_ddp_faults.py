@@ -11,6 +11,7 @@ gradients of a checkpointed block left unreduced. One subprocess runs them all.
 from __future__ import annotations
 
 import pytest
+
 from support.rank_faults import assert_caught, run_faulted
 
 RE_EXPORT = "from pytest_gpuconform.conformance.test_ddp import {name}\n"

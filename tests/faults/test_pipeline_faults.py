@@ -10,6 +10,7 @@ activations as GPipe while a stage leaks activations. One subprocess runs them a
 from __future__ import annotations
 
 import pytest
+
 from support.rank_faults import assert_caught, run_faulted
 
 RE_EXPORT = "from pytest_gpuconform.conformance.test_pipeline import {name}\n"

@@ -12,9 +12,10 @@ import json
 import sys
 
 import pytest
-from support import FAKE_NVML_DIR, h100
 
-from pytest_gpuconform import health, health_rules
+from pytest_gpuconform.health import readings as health
+from pytest_gpuconform.health import rules as health_rules
+from support import FAKE_NVML_DIR, h100
 
 RESHIPPED = "from pytest_gpuconform.conformance.test_health import *  # noqa: F401,F403\n"
 
@@ -159,11 +160,14 @@ def test_counter_changes():
 
 
 def test_xid_events_only_after_registration(fake_pynvml):
-    from pytest_gpuconform.health_watch import HealthWatch
+    from types import SimpleNamespace
+
+    from pytest_gpuconform.health.watch import HealthWatch
+    from pytest_gpuconform.node.nvml import NodeGpus
 
     nvml = fake_pynvml({"gpus": [h100(0, xid_events=[31])]})
-    watch = HealthWatch.__new__(HealthWatch)  # no pytest config: exercise the event plumbing only
-    watch.uuids, watch._event_sets, watch.xid_notes, watch._pynvml = [h100(0)["uuid"]], {}, {}, None
+    watch = HealthWatch(SimpleNamespace(), NodeGpus("absent"))  # no pytest config: the event plumbing only
+    watch.uuids = [h100(0)["uuid"]]
     watch._register_xid_events()
     fake_pynvml({"gpus": [h100(0, xid_events=[31, 79, 48])]})
     assert watch.drain_xids() == {h100(0)["uuid"]: [79, 48]}

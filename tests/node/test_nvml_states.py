@@ -1,7 +1,6 @@
 """A node without a driver is a CPU node; a broken driver is a failed environment check."""
 
 import json
-
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def test_header_and_junit_carry_the_inventory(pytester, fake_nvml):
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
         "gpuconform: driver 550.54.15, CUDA 12.4, 2 GPU(s), 2 visible",
-        "gpuconform:   GPU 0: NVIDIA H100 80GB HBM3 GPU-00000000-* bus 00000000:18:00.0 80 GiB cc 9.0",
+        "gpuconform:   GPU 0 (GPU-00000000-*, bus 00000000:18:00.0): NVIDIA H100 80GB HBM3, 80 GiB, cc 9.0",
     ])
     xml = (pytester.path / "out.xml").read_text()
     for prop in ('name="gpuconform.driver" value="550.54.15"', 'name="gpuconform.gpu1_pci_bus_id" value="00000000:19:00.0"',

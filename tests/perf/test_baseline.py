@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import h100
 
-from pytest_gpuconform import baseline
+from pytest_gpuconform.perf import baseline
+from support import h100
 
 MEASURING_TESTS = '''
 import os, pytest

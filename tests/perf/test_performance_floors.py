@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import h100  # CPU-node skips of these checks: tests/test_health.py
 
-from pytest_gpuconform import floors, health, nvml, peers, perf
+from pytest_gpuconform.checks import hardware
 from pytest_gpuconform.conformance import test_performance as shipped
+from pytest_gpuconform.health import readings as health
+from pytest_gpuconform.node import nvml
+from pytest_gpuconform.perf import floors, peers
+from pytest_gpuconform.perf import measure as perf
+from support import h100  # CPU-node skips of these checks: tests/health/test_health.py
 
 
 # -- floors table ---------------------------------------------------------------------------
@@ -114,7 +118,7 @@ def fake_cuda(monkeypatch):
     import torch
 
     tflops = {g.uuid: 790.0 for g in GPUS}
-    monkeypatch.setattr(perf, "cuda_devices", lambda: [(i, g.uuid) for i, g in enumerate(GPUS)])
+    monkeypatch.setattr(hardware, "cuda_devices", lambda: [(i, g.uuid) for i, g in enumerate(GPUS)])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: GPUS[i].name)
 
@@ -124,7 +128,7 @@ def fake_cuda(monkeypatch):
         value = tflops[GPUS[device.index].uuid]
         return perf.GemmResult(precision, n, 2 * n**3 / value / 1e9, value)
 
-    monkeypatch.setattr(perf, "measure_gemm", measure)
+    monkeypatch.setattr(hardware, "measure_gemm", measure)
     return tflops
 
 
@@ -154,7 +158,7 @@ def test_gemm_check_on_an_unknown_model_records_and_skips_the_floor(fake_cuda, m
     path.write_text(json.dumps({"format": floors.FORMAT, "models": [],
                                 "fraction_of_peak": {"gemm_tflops": 0.5, "all_reduce_busbw_gbps": 0.3}}))
     one_gpu = perf.PerfSetup(GPUS, GPUS, floors.load(path), 0.1)
-    monkeypatch.setattr(perf, "cuda_devices", lambda: [(0, GPUS[0].uuid)])
+    monkeypatch.setattr(hardware, "cuda_devices", lambda: [(0, GPUS[0].uuid)])
     record = Recorder()
     with pytest.raises(pytest.skip.Exception, match="floor not judged: .*no performance floor for GPU model"):
         shipped.test_gemm_throughput("fp16", one_gpu, record)
@@ -166,7 +170,7 @@ def test_pcie_under_load_fails_a_degraded_link(fake_cuda, monkeypatch):
                                      dict(pcie_gen=5, pcie_max_gen=5, pcie_width=16, pcie_max_width=16,
                                           clocks_event_reasons=0x1)) for g in GPUS}
     seen[GPUS[3].uuid].values["pcie_gen"] = 2
-    monkeypatch.setattr(health, "read_node", lambda uuids: [seen[u] for u in uuids])
+    monkeypatch.setattr(hardware, "read_node", lambda uuids: [seen[u] for u in uuids])
     with pytest.raises(pytest.fail.Exception) as failed:
         shipped.test_pcie_link_under_load(setup(), Recorder())
     assert str(failed.value) == f"{label(3)}: pcie_gen = 2, bound pcie_max_gen = 5 under load (degraded PCIe link)"
@@ -175,10 +179,10 @@ def test_pcie_under_load_fails_a_degraded_link(fake_cuda, monkeypatch):
 def test_all_reduce_check_fails_below_the_nvlink_floor(monkeypatch):
     import torch
 
-    monkeypatch.setattr(perf, "measure_all_reduce", lambda device, ws, numel: (9.5, 50.0))  # PCIe-like
+    monkeypatch.setattr(hardware, "measure_all_reduce", lambda device, ws, numel: (9.5, 50.0))  # PCIe-like
     with pytest.raises(AssertionError) as failed:
         shipped.test_all_reduce_bus_bandwidth(0, 2, torch.device("cpu"), setup(), Recorder())
     assert str(failed.value).startswith("all_reduce busbw over 2 ranks = 50 GB/s, bound >= 135 (floor for H100 SXM5); "
                                         f"GPUs {label(0)}, {label(1)}")
-    monkeypatch.setattr(perf, "measure_all_reduce", lambda device, ws, numel: (1.0, 400.0))
+    monkeypatch.setattr(hardware, "measure_all_reduce", lambda device, ws, numel: (1.0, 400.0))
     shipped.test_all_reduce_bus_bandwidth(0, 2, torch.device("cpu"), setup(), Recorder())

@@ -48,3 +48,40 @@ def test_ini_enables_the_plugin(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", ".")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["gpuconform: host *"])
+
+
+def test_readme_option_table_matches_the_declared_defaults():
+    """README's table is held to options.py, where each default is declared once."""
+    import re
+
+    import support
+    from pytest_gpuconform import options
+
+    readme = (support.ROOT / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        match = re.match(r"\| `(--gpuconform-[a-z-]+)[^`]*`[^|]*\| *`?([a-z_]*)`? *\| *(.*?) *\|$", line)
+        if match:
+            rows[match.group(1)] = (match.group(2), match.group(3))
+    assert set(rows) == {option.flag for option in options.OPTIONS}
+    for option in options.OPTIONS:
+        ini, default = rows[option.flag]
+        expected_ini = "gpuconform_tolerances" if option.flag == "--gpuconform-tolerance" else (option.ini or "")
+        assert (ini, default) == (expected_ini, option.default_text), option.flag
+        assert option.default_text in option.help_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpuconform-perf-floors", "/nonexistent/floors.json"],
+     "*--gpuconform-perf-floors: cannot read floors file /nonexistent/floors.json: No such file or directory*"),
+    (["--gpuconform-baseline", "/nonexistent/base.json"],
+     "*--gpuconform-baseline: cannot read baseline /nonexistent/base.json: No such file or directory*"),
+    (["--gpuconform-save-baseline", "/nonexistent/dir/base.json"],
+     "*--gpuconform-save-baseline: directory of /nonexistent/dir/base.json does not exist*"),
+])
+def test_files_named_by_options_are_checked_at_start_up(pytester, args, message):
+    """Read before any test runs: a typo in a path is exit code 4, not a pass on a CPU node."""
+    pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", ".", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])

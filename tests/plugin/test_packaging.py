@@ -1,22 +1,40 @@
 """The wheel carries the shipped suite, and an installed plugin runs it from an empty directory."""
 
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "pytest_gpuconform"
 
 
-def test_wheel_contains_the_suite_and_the_entry_points(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+def test_every_folder_of_the_package_is_declared():
+    """A new folder missing from pyproject's package list would be left out of the wheel."""
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(path.relative_to(ROOT).parts) for path in [PACKAGE, *PACKAGE.rglob("*")]
+               if path.is_dir() and path.name != "__pycache__"}
+    assert folders | {"pytest_gpuconform.conformance"} == declared
+
+
+def test_wheel_builds_without_warnings_and_contains_the_suite_and_the_entry_points(tmp_path):
+    # Built from a copy: setuptools leaves build/ behind in the tree it builds.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info",
+                                                                "__pycache__", "reports"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path), str(source)], check=True, capture_output=True, text=True, timeout=300)
+    log = built.stdout + built.stderr
+    assert "Warning" not in log and "absent from the `packages`" not in log, log[-3000:]
     wheel = next(tmp_path.glob("pytest_gpuconform-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("pytest_gpuconform/plugin.py", "pytest_gpuconform/conformance/test_environment.py",
-                     "pytest_gpuconform/conformance/test_ddp.py", "pytest_gpuconform/templates/report.html.j2",
-                     "pytest_gpuconform/data/perf_floors.json"):
+                     "pytest_gpuconform/conformance/test_ddp.py", "pytest_gpuconform/reporting/templates/report.html.j2",
+                     "pytest_gpuconform/perf/data/perf_floors.json"):
         assert expected in names, expected
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

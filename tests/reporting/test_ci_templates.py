@@ -19,6 +19,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+
 import support
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to parse the YAML templates (pip install pyyaml)")

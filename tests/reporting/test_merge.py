@@ -14,8 +14,8 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-import support
 
+import support
 from pytest_gpuconform.cli import main
 
 DATA = support.DATA
@@ -168,7 +168,7 @@ def test_console_script_exit_code(tmp_path):
 
 def test_pytest_file_made_schema_safe_in_place(tmp_path):
     """pytest writes <error> for a failing fixture; the schema only knows <failure>."""
-    from pytest_gpuconform.merge import make_schema_safe
+    from pytest_gpuconform.reporting.junit import make_schema_safe
 
     path = tmp_path / "junit.xml"
     shutil.copy(NODE_B, path)

@@ -17,10 +17,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import support
 
-from pytest_gpuconform import report
+import support
 from pytest_gpuconform.cli import main
+from pytest_gpuconform.reporting import html as report
 
 DATA = support.DATA
 SCHEMA = DATA / "junit-10-testcase-properties.xsd"

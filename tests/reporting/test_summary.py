@@ -8,8 +8,14 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from pytest_gpuconform import measures, session
-from pytest_gpuconform.summary import CaseOutcome, outcomes_from_reports, summary_lines, summary_lines_from_stats
+from pytest_gpuconform.collection import plan
+from pytest_gpuconform.reporting import measures
+from pytest_gpuconform.reporting.summary import (
+    CaseOutcome,
+    outcomes_from_reports,
+    summary_lines,
+    summary_lines_from_stats,
+)
 
 
 def report(nodeid, when, outcome, **props):
@@ -17,7 +23,7 @@ def report(nodeid, when, outcome, **props):
 
 
 def test_context_keys_match_the_properties_the_plugin_attaches():
-    assert measures.CONTEXT_KEYS == set(session.STANDARD_PROPERTIES)
+    assert measures.CONTEXT_KEYS == set(plan.CONTEXT_PROPERTIES)
 
 
 def test_naming_rule_pairs_bounds_and_picks_ratios():
