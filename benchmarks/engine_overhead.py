@@ -23,7 +23,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-OURS = '''
+OURS = """
 import pytest
 import torch
 import torch.distributed as dist
@@ -35,9 +35,9 @@ def test_all_reduce(rank, world_size, i):
     t = torch.full((4,), float(rank + 1))
     dist.all_reduce(t)
     assert torch.equal(t, torch.full((4,), 3.0))
-'''
+"""
 
-THEIRS = '''
+THEIRS = """
 import torch
 import torch.distributed as dist
 from torch.testing._internal.common_distributed import MultiProcessTestCase
@@ -64,14 +64,18 @@ class AllReduceTest(MultiProcessTestCase):
 
 for _i in range({n}):
     setattr(AllReduceTest, f"test_all_reduce_{{_i:02d}}", AllReduceTest._body)
-'''
+"""
 
 
 def _run(workdir: Path, args: list[str]) -> tuple[float, list[float]]:
     junit = workdir / "junit.xml"
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                           f"--junitxml={junit}", *args], cwd=workdir, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--junitxml={junit}", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
     total = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
@@ -87,9 +91,13 @@ def measure(n: int) -> dict:
         ours_total, ours_times = _run(ours, ["--gpuconform", "test_ours.py", "-k", "cpu"])
         theirs_total, theirs_times = _run(theirs, ["test_theirs.py"])
     return {
-        "ours_total": ours_total, "ours_first": ours_times[0], "ours_after": statistics.median(ours_times[1:]),
-        "theirs_total": theirs_total, "theirs_median": statistics.median(theirs_times),
-        "ours_n": len(ours_times), "theirs_n": len(theirs_times),
+        "ours_total": ours_total,
+        "ours_first": ours_times[0],
+        "ours_after": statistics.median(ours_times[1:]),
+        "theirs_total": theirs_total,
+        "theirs_median": statistics.median(theirs_times),
+        "ours_n": len(ours_times),
+        "theirs_n": len(theirs_times),
     }
 
 
@@ -101,8 +109,10 @@ def main() -> None:
     runs = [measure(args.tests) for _ in range(args.repeats)]
     med = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     print(f"{args.tests} trivial world-size-2 gloo tests, {args.repeats} repeat(s), medians:")
-    print(f"  pytest-gpuconform      total {med['ours_total']:7.2f} s   first test {med['ours_first']:6.3f} s   "
-          f"per test after warm-up {med['ours_after'] * 1000:7.1f} ms")
+    print(
+        f"  pytest-gpuconform      total {med['ours_total']:7.2f} s   first test {med['ours_first']:6.3f} s   "
+        f"per test after warm-up {med['ours_after'] * 1000:7.1f} ms"
+    )
     print(f"  MultiProcessTestCase   total {med['theirs_total']:7.2f} s   per test {med['theirs_median']:6.3f} s")
     print(f"  ratio per test (theirs / ours after warm-up): {med['theirs_median'] / med['ours_after']:.0f}x")
     print(f"  ratio end to end (theirs / ours):             {med['theirs_total'] / med['ours_total']:.1f}x")

@@ -64,7 +64,7 @@ def rank_slice(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     """This rank's contiguous share of the global batch (equal shares: DDP's mean of
     per-rank mean losses is then the full batch's mean loss)."""
     share = tensor.shape[0] // world_size
-    return tensor[rank * share:(rank + 1) * share]
+    return tensor[rank * share : (rank + 1) * share]
 
 
 class SharedWeightChain(nn.Module):

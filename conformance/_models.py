@@ -42,6 +42,7 @@ def mlp_blocks(n_blocks: int, width: int, *, dropout: float = 0.0) -> nn.Sequent
 
 # -- activation sizes after forward, in units of one batch x width activation -----------------
 
+
 def plain_units(n_blocks: int) -> int:
     """No checkpointing: every op's output stays alive."""
     return ACTIVATIONS_PER_BLOCK * n_blocks
@@ -80,6 +81,7 @@ def autocast_bytes(n_blocks: int, batch: int, width: int, low_itemsize: int) -> 
 
 
 # -- a transformer-like block for autocast numerics ------------------------------------------
+
 
 class TinyTransformerBlock(nn.Module):
     """Pre-norm attention + MLP with residuals: the op mix (layer_norm, linear, attention with

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # -- op lists ------------------------------------------------------------------------------
 
+
 def _lower_precision_ops(device_type: str):
     """(name, fn, fp32 args) for ops on the device's autocast lower-precision list."""
     import torch
@@ -102,8 +103,14 @@ def _fp32_ops(device_type: str):
 def _cast(args, dtype, device):
     import torch
 
-    return tuple(a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                 else a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    return tuple(
+        a.to(device=device, dtype=dtype)
+        if isinstance(a, torch.Tensor) and a.is_floating_point()
+        else a.to(device)
+        if isinstance(a, torch.Tensor)
+        else a
+        for a in args
+    )
 
 
 def _check_ops(ops, device, dtype, in_dtype, want_dtype, record, list_name):
@@ -156,6 +163,7 @@ def test_autocast_fp32_ops(device, dtype, record):
 
 # -- model level ---------------------------------------------------------------------------
 
+
 def _block_and_input(device):
     import torch
 
@@ -175,8 +183,11 @@ def _block_run(block, x, grad_out, autocast_dtype=None):
     block.zero_grad(set_to_none=True)
     x.grad = None
     linear_dtypes = {}
-    hooks = [m.register_forward_hook(lambda m, _i, out, name=name: linear_dtypes.__setitem__(name, out.dtype))
-             for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda m, _i, out, name=name: linear_dtypes.__setitem__(name, out.dtype))
+        for name, m in block.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     try:
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = block(x)
@@ -233,7 +244,7 @@ def _train_losses(device, autocast_dtype=None):
     data = torch.randn(TRAIN_STEPS, 16, 8, 64, device=device)
     targets = data.mean(dim=-1).sin()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10, enabled=autocast_dtype is torch.float16)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=autocast_dtype is torch.float16)
     losses, scales = [], []
     for step in range(TRAIN_STEPS):
         optimizer.zero_grad(set_to_none=True)
@@ -337,8 +348,9 @@ def test_grad_scaler_skips_nonfinite_and_rescales(device, dtype, optimizer, tole
     batches = [(torch.randn(16, 8, device=device), torch.randn(16, 8, device=device)) for _ in range(4)]
     for bad in ("inf", "nan"):
         (model, opt), (control, control_opt) = _scaling_pair(device, optimizer)
-        scaler = torch.amp.GradScaler(device.type, init_scale=INIT_SCALE, growth_factor=2.0, backoff_factor=0.5,
-                                      growth_interval=1)
+        scaler = torch.amp.GradScaler(
+            device.type, init_scale=INIT_SCALE, growth_factor=2.0, backoff_factor=0.5, growth_interval=1
+        )
         scales = []
         for step, (x, target) in enumerate(batches):
             for m, o in ((model, opt), (control, control_opt)):
@@ -371,10 +383,18 @@ def test_grad_scaler_skips_nonfinite_and_rescales(device, dtype, optimizer, tole
             f"GradScaler({device.type}) + {optimizer}, {bad} at step {SKIP_STEP + 1} of 4: scale after each step "
             f"{scales} (expected {EXPECTED_SCALES}: init {INIT_SCALE:g}, growth 2 every step, backoff 0.5)"
         )
-        worst = max(float((p - c).detach().abs().max()) for p, c in zip(model.parameters(), control.parameters(), strict=True))
+        worst = max(
+            float((p - c).detach().abs().max()) for p, c in zip(model.parameters(), control.parameters(), strict=True)
+        )
         record(f"max_param_diff_vs_control_{bad}", worst)
-        off = [o for o in (not_close(p, c, tolerance.rtol, tolerance.atol, f"param {name}")
-                           for (name, p), c in zip(model.named_parameters(), control.parameters(), strict=True)) if o]
+        off = [
+            o
+            for o in (
+                not_close(p, c, tolerance.rtol, tolerance.atol, f"param {name}")
+                for (name, p), c in zip(model.named_parameters(), control.parameters(), strict=True)
+            )
+            if o
+        ]
         assert not off, (
             f"GradScaler({device.type}) + {optimizer} ({dtype}), {bad} at step {SKIP_STEP + 1}: after 4 steps the "
             f"scaled run differs from the unscaled control: " + "; ".join(off[:3])
@@ -398,8 +418,11 @@ def test_grad_scaler_unscale_twice_raises(device, record):
         return
     ratio = float(model.weight.grad.abs().sum() / once.abs().sum())
     record("raised", "nothing")
-    pytest.fail(f"GradScaler({device.type}): second unscale_ before update() raised nothing (expected RuntimeError); "
-                f"gradients are now {ratio:.4g}x the unscaled ones (expected 1)", pytrace=False)
+    pytest.fail(
+        f"GradScaler({device.type}): second unscale_ before update() raised nothing (expected RuntimeError); "
+        f"gradients are now {ratio:.4g}x the unscaled ones (expected 1)",
+        pytrace=False,
+    )
 
 
 # -- memory --------------------------------------------------------------------------------
@@ -436,8 +459,7 @@ def test_autocast_activation_memory(device, dtype, memory_meter, record):
     with true_fp32(device):
         fp32, cuda_fp32 = kept_after_forward(None)
     low, cuda_low = kept_after_forward(dtype)
-    analytic = _models.autocast_bytes(n_blocks, batch, width, 2) / (
-        _models.plain_units(n_blocks) * batch * width * 4)
+    analytic = _models.autocast_bytes(n_blocks, batch, width, 2) / (_models.plain_units(n_blocks) * batch * width * 4)
     bound = analytic + AMP_MEMORY_SLACK
     ratio = low / fp32
     record("fp32_activation_bytes", fp32)

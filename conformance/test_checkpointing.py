@@ -43,13 +43,16 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # -- how each variant runs a Sequential of blocks ---------------------------------------------
 
+
 def _selective_context_fn():
     import torch
     from torch.utils import checkpoint as ckpt
 
     if not hasattr(ckpt, "create_selective_checkpoint_contexts"):
-        pytest.skip(f"torch {torch.__version__} has no selective activation checkpointing "
-                    "(create_selective_checkpoint_contexts, added in 2.4)")
+        pytest.skip(
+            f"torch {torch.__version__} has no selective activation checkpointing "
+            "(create_selective_checkpoint_contexts, added in 2.4)"
+        )
     saved_ops = [torch.ops.aten.addmm.default, torch.ops.aten.mm.default]
     return functools.partial(ckpt.create_selective_checkpoint_contexts, saved_ops)
 
@@ -63,6 +66,7 @@ def _runner(variant: str):
             for block in model:
                 x = ckpt.checkpoint(block, x, **kwargs)
             return x
+
         return run
 
     def sequential(segments, use_reentrant):
@@ -119,8 +123,11 @@ def _checkpointed_run(where: str, *args, **kwargs) -> dict:
         return _forward_backward(*args, **kwargs)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:600]
-        pytest.fail(f"{where}: forward+backward raised {type(exc).__name__}: {first} (expected: the plain "
-                    f"model's outputs and gradients)", pytrace=False)
+        pytest.fail(
+            f"{where}: forward+backward raised {type(exc).__name__}: {first} (expected: the plain "
+            f"model's outputs and gradients)",
+            pytrace=False,
+        )
 
 
 def _compare_bitwise(where: str, got: dict, want: dict, record) -> None:
@@ -133,8 +140,10 @@ def _compare_bitwise(where: str, got: dict, want: dict, record) -> None:
         value = got[name]
         if value is None or reference is None:
             if (value is None) != (reference is None):
-                problems.append(f"{name}: {'missing' if value is None else 'present'} (reference: "
-                                f"{'none' if reference is None else 'present'})")
+                problems.append(
+                    f"{name}: {'missing' if value is None else 'present'} (reference: "
+                    f"{'none' if reference is None else 'present'})"
+                )
             continue
         if value.dtype != reference.dtype:
             problems.append(f"{name}: dtype {value.dtype} != reference {reference.dtype}")
@@ -151,6 +160,7 @@ def _compare_bitwise(where: str, got: dict, want: dict, record) -> None:
 
 
 # -- numerics ------------------------------------------------------------------------------
+
 
 @pytest.mark.dtype("fp32", "bf16", "fp16")
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -247,6 +257,7 @@ def test_checkpoint_under_autocast_matches_plain(device, dtype, variant, record)
         def wrapped(model, x):
             with torch.autocast(device.type, dtype=dtype):
                 return run(model, x)
+
         return wrapped
 
     where = f"{variant} checkpoint vs plain under autocast({device.type}, {dtype})"
@@ -257,6 +268,7 @@ def test_checkpoint_under_autocast_matches_plain(device, dtype, variant, record)
 
 
 # -- memory --------------------------------------------------------------------------------
+
 
 def _analytic_units(variant: str) -> int:
     from . import _models
@@ -327,6 +339,7 @@ def test_checkpoint_activation_memory(device, variant, memory_meter, record):
 
 # -- documented structure and errors --------------------------------------------------------
 
+
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_checkpoint_sequential_recomputes_all_but_last_chunk(device, use_reentrant, record):
     """checkpoint_sequential(segments=k) checkpoints the first k-1 chunks of n // k modules;
@@ -343,7 +356,9 @@ def test_checkpoint_sequential_recomputes_all_but_last_chunk(device, use_reentra
     checkpointed = (N_BLOCKS // SEGMENTS) * (SEGMENTS - 1)
     expected = [2] * checkpointed + [1] * (N_BLOCKS - checkpointed)
     record("blocks_recomputed", sum(c - 1 for c in calls))
-    wrong = [f"block {i} ran {c}x, expected {e}x" for i, (c, e) in enumerate(zip(calls, expected, strict=True)) if c != e]
+    wrong = [
+        f"block {i} ran {c}x, expected {e}x" for i, (c, e) in enumerate(zip(calls, expected, strict=True)) if c != e
+    ]
     assert not wrong, (
         f"checkpoint_sequential({N_BLOCKS} blocks, segments={SEGMENTS}, use_reentrant={use_reentrant}) ({device}): "
         f"{'; '.join(wrong)} (blocks 0-{checkpointed - 1} recomputed once, last chunk "
@@ -373,8 +388,14 @@ def test_checkpoint_recompute_shape_change_raises(device, record):
     except Exception as exc:  # noqa: BLE001 - the wrong exception is the finding
         record("raised", type(exc).__name__)
         first = " ".join(str(exc).split())[:200]
-        pytest.fail(f"recompute changed a saved tensor's shape (4, 6) -> (4, 7) ({device}): raised "
-                    f"{type(exc).__name__}: {first} (expected: CheckpointError)", pytrace=False)
+        pytest.fail(
+            f"recompute changed a saved tensor's shape (4, 6) -> (4, 7) ({device}): raised "
+            f"{type(exc).__name__}: {first} (expected: CheckpointError)",
+            pytrace=False,
+        )
     record("raised", "nothing")
-    pytest.fail(f"recompute changed a saved tensor's shape (4, 6) -> (4, 7) ({device}): backward raised nothing "
-                f"(expected: CheckpointError)", pytrace=False)
+    pytest.fail(
+        f"recompute changed a saved tensor's shape (4, 6) -> (4, 7) ({device}): backward raised nothing "
+        f"(expected: CheckpointError)",
+        pytrace=False,
+    )

@@ -59,8 +59,9 @@ def _describe(what: str, element_type: str, count: int) -> str:
     return f"{what} {element_type} x{count} ({nbytes} B)"
 
 
-def _check_all_sizes(run_once, element_type, rank, world_size, device, check: str,
-                     identical_across_ranks: bool) -> tuple[list[str], int]:
+def _check_all_sizes(
+    run_once, element_type, rank, world_size, device, check: str, identical_across_ranks: bool
+) -> tuple[list[str], int]:
     """Run ``run_once(count, salt) -> (result, expected)`` twice per size and compare:
     exact against the expected answer, against the first run, and (where the collective
     gives every rank the same result) against rank 0.
@@ -181,8 +182,14 @@ def test_all_reduce(element_type, op, rank, world_size, device, record):
     if op == "sum":
         count = _largest(element_type, device)
         scratch = torch.zeros(count, dtype=dtype, device=device)
-        _record_bus_bandwidth(lambda: dist.all_reduce(scratch), scratch.numel() * dtype.itemsize,
-                              2 * (world_size - 1) / world_size, device, world_size, record)
+        _record_bus_bandwidth(
+            lambda: dist.all_reduce(scratch),
+            scratch.numel() * dtype.itemsize,
+            2 * (world_size - 1) / world_size,
+            device,
+            world_size,
+            record,
+        )
 
 
 @pytest.mark.world_size(*WORLD_SIZES)
@@ -204,8 +211,14 @@ def test_all_gather(element_type, rank, world_size, device, record):
     count = _largest(element_type, device)
     mine = torch.zeros(count, dtype=dtype, device=device)
     output = torch.empty(world_size * count, dtype=dtype, device=device)
-    _record_bus_bandwidth(lambda: gather(output, mine), output.numel() * dtype.itemsize,
-                          (world_size - 1) / world_size, device, world_size, record)
+    _record_bus_bandwidth(
+        lambda: gather(output, mine),
+        output.numel() * dtype.itemsize,
+        (world_size - 1) / world_size,
+        device,
+        world_size,
+        record,
+    )
 
 
 @pytest.mark.world_size(*WORLD_SIZES)
@@ -218,7 +231,7 @@ def test_reduce_scatter(element_type, rank, world_size, device, record):
 
     def run_once(count, salt):
         inputs = [_pattern(r, world_size * count, amplitude, salt, device) for r in range(world_size)]
-        expected = sum(inputs)[rank * count:(rank + 1) * count]
+        expected = sum(inputs)[rank * count : (rank + 1) * count]
         output = torch.empty(count, dtype=dtype, device=device)
         scatter(output, inputs[rank].to(dtype))
         return output, expected.to(dtype)
@@ -233,8 +246,14 @@ def test_reduce_scatter(element_type, rank, world_size, device, record):
     count = _largest(element_type, device)
     source = torch.zeros(world_size * count, dtype=dtype, device=device)
     output = torch.empty(count, dtype=dtype, device=device)
-    _record_bus_bandwidth(lambda: scatter(output, source), source.numel() * dtype.itemsize,
-                          (world_size - 1) / world_size, device, world_size, record)
+    _record_bus_bandwidth(
+        lambda: scatter(output, source),
+        source.numel() * dtype.itemsize,
+        (world_size - 1) / world_size,
+        device,
+        world_size,
+        record,
+    )
 
 
 @pytest.mark.world_size(*WORLD_SIZES)
@@ -247,6 +266,7 @@ def test_broadcast(element_type, rank, world_size, device, record):
 
     checked = []
     for root in range(world_size):
+
         def run_once(count, salt, root=root):
             buffer = _pattern(rank, count, amplitude, salt + 1 + rank, device).to(dtype)
             if rank == root:
@@ -259,8 +279,9 @@ def test_broadcast(element_type, rank, world_size, device, record):
     _verdict(checked, element_type, rank, world_size, "broadcast", record)
     count = _largest(element_type, device)
     scratch = torch.zeros(count, dtype=dtype, device=device)
-    _record_bus_bandwidth(lambda: dist.broadcast(scratch, src=0), scratch.numel() * dtype.itemsize,
-                          1.0, device, world_size, record)
+    _record_bus_bandwidth(
+        lambda: dist.broadcast(scratch, src=0), scratch.numel() * dtype.itemsize, 1.0, device, world_size, record
+    )
 
 
 @pytest.mark.world_size(*WORLD_SIZES)
@@ -283,11 +304,13 @@ def test_send_recv(element_type, rank, world_size, device, record):
         exchange(outgoing, incoming)
         return incoming, _pattern(predecessor, count, amplitude, salt, device).to(dtype)
 
-    checked = _check_all_sizes(run_once, element_type, rank, world_size, device,
-                               f"send/recv ring ({predecessor}->{rank})", False)
+    checked = _check_all_sizes(
+        run_once, element_type, rank, world_size, device, f"send/recv ring ({predecessor}->{rank})", False
+    )
     _verdict([checked], element_type, rank, world_size, "send/recv", record)
     count = _largest(element_type, device)
     outgoing = torch.zeros(count, dtype=dtype, device=device)
     incoming = torch.empty(count, dtype=dtype, device=device)
-    _record_bus_bandwidth(lambda: exchange(outgoing, incoming), outgoing.numel() * dtype.itemsize,
-                          1.0, device, world_size, record)
+    _record_bus_bandwidth(
+        lambda: exchange(outgoing, incoming), outgoing.numel() * dtype.itemsize, 1.0, device, world_size, record
+    )

@@ -76,8 +76,9 @@ def _batches(world_size, device):
     return global_batches(STEPS, LOCAL_BATCH * world_size, FEATURES, OUTPUTS, DATA_SEED, device)
 
 
-def _compare_with_reference(ddp_model, reference_model, judge, rank, world_size, device,
-                            autocast_dtype=None) -> tuple[list[str], float, dict]:
+def _compare_with_reference(
+    ddp_model, reference_model, judge, rank, world_size, device, autocast_dtype=None
+) -> tuple[list[str], float, dict]:
     """Train both, compare grads and params step by step with ``judge(got, want, what)``,
     and check parameters are bitwise equal across ranks after every step.
     Returns the problems found, the largest absolute difference seen and the final params."""
@@ -100,8 +101,13 @@ def _compare_with_reference(ddp_model, reference_model, judge, rank, world_size,
 
 # The comparisons a DDP check makes; a failure shows the first problem of each, so that
 # one loud symptom (every grad off) does not hide a second one (ranks drifting apart).
-PROBLEM_KINDS = ("vs single process", "bitwise equal to rank 0", "vs default DDP",
-                 "after no_sync backward", "after synced backward")
+PROBLEM_KINDS = (
+    "vs single process",
+    "bitwise equal to rank 0",
+    "vs default DDP",
+    "after no_sync backward",
+    "after synced backward",
+)
 
 
 def _verdict(problems: list[str], rank, world_size, check: str) -> None:
@@ -140,8 +146,13 @@ def test_ddp_matches_single_process(config, rank, world_size, device, tolerance,
         take = lambda t: rank_slice(t, rank, world_size)  # noqa: E731
         theirs = list(_train(_ddp(_model(device), device), _batches(world_size, device), take, device))[-1][1]
         for name in theirs:
-            found = not_close(ours[name], theirs[name], tolerance.rtol, tolerance.atol,
-                              f"final param {name!r} with {config} vs default DDP")
+            found = not_close(
+                ours[name],
+                theirs[name],
+                tolerance.rtol,
+                tolerance.atol,
+                f"final param {name!r} with {config} vs default DDP",
+            )
             if found:
                 problems.append(found)
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
@@ -226,8 +237,9 @@ def test_ddp_with_autocast(dtype, rank, world_size, device, tolerance, record):
         worst[0] = max(worst[0], relative_l2(got, want))
         return too_far(got, want, tolerance.rel_l2, what)
 
-    problems, _, _ = _compare_with_reference(_ddp(_model(device), device), _model(device), judge,
-                                          rank, world_size, device, autocast_dtype=dtype)
+    problems, _, _ = _compare_with_reference(
+        _ddp(_model(device), device), _model(device), judge, rank, world_size, device, autocast_dtype=dtype
+    )
     record("max_rel_l2_vs_single_process", max(gather_float(worst[0], world_size)))
     record("bound_rel_l2", tolerance.rel_l2)
     _verdict(problems, rank, world_size, f"DDP + autocast({dtype})")
@@ -240,8 +252,9 @@ def test_ddp_with_checkpointing(recompute, rank, world_size, device, tolerance, 
     process (fp32 table tolerance); the recomputation must not add or lose gradient
     contributions in DDP's reducer."""
     judge = _fp32_judge(tolerance)
-    problems, largest, _ = _compare_with_reference(_ddp(_model(device, recompute), device),
-                                                   _model(device, recompute), judge, rank, world_size, device)
+    problems, largest, _ = _compare_with_reference(
+        _ddp(_model(device, recompute), device), _model(device, recompute), judge, rank, world_size, device
+    )
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
     _record_tolerance_used(judge, world_size, record)
     _verdict(problems, rank, world_size, f"DDP + checkpoint({recompute})")

@@ -66,8 +66,11 @@ def _record_counters(node_health, record, counters) -> None:
 
 
 def test_no_uncorrectable_ecc_errors(node_health, record):
-    _record_counters(node_health, record, ("ecc_mode", "ecc_uncorrected_volatile", "ecc_corrected_volatile",
-                                           "ecc_uncorrected_aggregate"))
+    _record_counters(
+        node_health,
+        record,
+        ("ecc_mode", "ecc_uncorrected_volatile", "ecc_corrected_volatile", "ecc_uncorrected_aggregate"),
+    )
     _judge(node_health, health_rules.ecc, record, "ecc")
 
 
@@ -79,12 +82,16 @@ def test_no_pending_memory_repairs(node_health, record):
 def test_no_hardware_throttling(node_health, record):
     for gpu in node_health:
         if "clocks_event_reasons" in gpu.values:
-            record(f"gpu{gpu.index}_clocks_event_reasons", health_rules.reason_names(gpu.values["clocks_event_reasons"]))
+            record(
+                f"gpu{gpu.index}_clocks_event_reasons", health_rules.reason_names(gpu.values["clocks_event_reasons"])
+            )
     _judge(node_health, health_rules.throttling, record, "throttling")
 
 
 def test_pcie_link_at_max(node_health, record):
-    _record_counters(node_health, record, ("pcie_gen", "pcie_max_gen", "pcie_width", "pcie_max_width", "pcie_replay_counter"))
+    _record_counters(
+        node_health, record, ("pcie_gen", "pcie_max_gen", "pcie_width", "pcie_max_width", "pcie_replay_counter")
+    )
     _judge(node_health, health_rules.pcie_link, record, "pcie_link")
 
 
@@ -107,8 +114,10 @@ def test_persistence_mode_recorded(node_health, record):
         elif "persistence_mode" in gpu.errors:
             pytest.fail(f"{gpu.label()}: persistence_mode: NVML error {gpu.errors['persistence_mode']}", pytrace=False)
     if not read:
-        pytest.skip("persistence_mode: not applicable on any GPU: " + "; ".join(
-            f"{g.label()}: {g.not_applicable.get('persistence_mode')}" for g in node_health))
+        pytest.skip(
+            "persistence_mode: not applicable on any GPU: "
+            + "; ".join(f"{g.label()}: {g.not_applicable.get('persistence_mode')}" for g in node_health)
+        )
 
 
 @run_last

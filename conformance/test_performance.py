@@ -56,13 +56,17 @@ def test_gemm_throughput(precision, perf_setup, record):
         model = perf_setup.floor_table.lookup(gpu.name if gpu else torch.cuda.get_device_name(ordinal))
         floor = model.gemm_tflops.get(precision) if model else None
         if floor is None:
-            skipped_floors.append(f"{label}: " + perf_setup.floor_table.missing_reason(
-                gpu.name if gpu else torch.cuda.get_device_name(ordinal)))
+            skipped_floors.append(
+                f"{label}: "
+                + perf_setup.floor_table.missing_reason(gpu.name if gpu else torch.cuda.get_device_name(ordinal))
+            )
             continue
         record(f"{name}_floor", floor)
         if result.tflops < floor:
-            problems.append(f"{label}: {precision} GEMM {result.n}^3 = {result.tflops:.4g} TFLOP/s, "
-                            f"bound >= {floor:.4g} (floor for {model.model})")
+            problems.append(
+                f"{label}: {precision} GEMM {result.n}^3 = {result.tflops:.4g} TFLOP/s, "
+                f"bound >= {floor:.4g} (floor for {model.model})"
+            )
     slow = hardware.slow_peers(measured, perf_setup.peer_fraction)
     problems += [s.line(f"{precision} GEMM", "TFLOP/s", perf_setup.peer_fraction) for s in slow]
     if len(measured) < 2:
@@ -94,8 +98,9 @@ def test_pcie_link_under_load(perf_setup, record):
         precision = "bf16" if torch.cuda.get_device_capability(ordinal)[0] >= 8 else "fp16"
         # ~50 ms of warm-up brings the GPU to full clocks (and its link out of idle), then
         # the link is read while ~100 ms of queued matmuls still run (H100 figures)
-        hardware.measure_gemm(torch.device("cuda", ordinal), precision, n=8192, warmup=40, repeats=80,
-                          while_loaded=read_link)
+        hardware.measure_gemm(
+            torch.device("cuda", ordinal), precision, n=8192, warmup=40, repeats=80, while_loaded=read_link
+        )
         reading = loaded.get(uuid)
         if reading is None:
             notes.append(f"GPU cuda:{ordinal} ({uuid}): not found through NVML")
@@ -126,8 +131,11 @@ def test_all_reduce_bus_bandwidth(rank, world_size, device, perf_setup, record):
     name = models.pop()
     model = perf_setup.floor_table.lookup(name)
     if model is None or model.all_reduce_busbw_gbps is None:
-        reason = perf_setup.floor_table.missing_reason(name) if model is None else (
-            f"no all_reduce floor for {model.model} (PCIe boards: bandwidth depends on the host topology)")
+        reason = (
+            perf_setup.floor_table.missing_reason(name)
+            if model is None
+            else (f"no all_reduce floor for {model.model} (PCIe boards: bandwidth depends on the host topology)")
+        )
         pytest.skip(f"measured {busbw:.4g} GB/s; floor not judged: {reason}")
     floor = model.all_reduce_busbw_gbps
     record("all_reduce_busbw_gbps_floor", floor)

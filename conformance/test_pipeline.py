@@ -212,7 +212,7 @@ MEMORY_MICROBATCHES = 8
 
 
 def _layered_stage(rank: int, reference) -> torch.nn.Module:
-    layers = reference[rank * MEMORY_LAYERS_PER_STAGE:(rank + 1) * MEMORY_LAYERS_PER_STAGE]
+    layers = reference[rank * MEMORY_LAYERS_PER_STAGE : (rank + 1) * MEMORY_LAYERS_PER_STAGE]
     return copy.deepcopy(layers)
 
 
@@ -254,10 +254,14 @@ def test_pipeline_memory(rank, world_size, device, memory_meter, record):
     record("peak_stage_over_whole_model_ratio_bound", 1.0)
     problems = []
     if not peaks["1F1B"] < peaks["GPipe"]:
-        problems.append(f"1F1B peak {peaks['1F1B']} B >= GPipe peak {peaks['GPipe']} B "
-                        f"(ratio {peaks['1F1B'] / peaks['GPipe']:.3f}, bound < 1) "
-                        f"at {MEMORY_MICROBATCHES} microbatches")
+        problems.append(
+            f"1F1B peak {peaks['1F1B']} B >= GPipe peak {peaks['GPipe']} B "
+            f"(ratio {peaks['1F1B'] / peaks['GPipe']:.3f}, bound < 1) "
+            f"at {MEMORY_MICROBATCHES} microbatches"
+        )
     if not peaks["GPipe"] < peaks["whole"]:
-        problems.append(f"stage peak {peaks['GPipe']} B >= whole-model peak {peaks['whole']} B "
-                        f"(ratio {peaks['GPipe'] / peaks['whole']:.3f}, bound < 1)")
+        problems.append(
+            f"stage peak {peaks['GPipe']} B >= whole-model peak {peaks['whole']} B "
+            f"(ratio {peaks['GPipe'] / peaks['whole']:.3f}, bound < 1)"
+        )
     raise_if_any("; ".join(problems) or None, rank, world_size, "pipeline memory")

@@ -96,34 +96,98 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("--gpuconform-expect-gpus", "Strict acceptance: this node must have at least N visible GPUs; with fewer, "
-           "the GPU checks fail instead of skipping", default=0, default_text="0", parse=non_negative_int,
-           ini="gpuconform_expect_gpus", metavar="N"),
-    Option("--gpuconform-cpu-ranks", "How many gloo ranks a CPU node may host for world_size tests",
-           default=default_cpu_ranks, default_text="max(2, CPU cores)", parse=positive_int,
-           ini="gpuconform_cpu_ranks", metavar="N"),
-    Option("--gpuconform-timeout", "Deadline in seconds of one multi-rank test", default=120.0, default_text="120",
-           parse=positive_float, ini="gpuconform_timeout", metavar="SECONDS"),
-    Option("--gpuconform-fresh-ranks", "Start new rank processes for every multi-rank test instead of reusing them",
-           default=False, default_text="off", action="store_true"),
-    Option("--gpuconform-tolerance", "Override a tolerance, e.g. 'bf16:rtol=2e-2,rel_l2=1e-2'. Repeatable; applied "
-           "after the ini gpuconform_tolerances lines (one per line, site policy), so it wins",
-           default=(), default_text="the table", metavar="DTYPE:KEY=VALUE[,KEY=VALUE]", action="append"),
-    Option("--gpuconform-cluster", "Cluster mode (one pytest per rank, launched by torchrun or srun): auto detects "
-           "torchrun, and srun with more than one task per node; on/off force it", default="auto",
-           default_text="auto", choices=("auto", "on", "off")),
-    Option("--gpuconform-cluster-junit", "Cluster mode: where rank 0 writes the merged JUnit file",
-           default_text="junit-cluster.xml beside the per-rank --junitxml files", metavar="PATH"),
-    Option("--gpuconform-save-baseline", "Write this run's measured throughputs (records named *_tflops, *_gbps) "
-           "to FILE as JSON", default_text="off", metavar="FILE"),
-    Option("--gpuconform-baseline", "Fail tests whose throughputs regressed against FILE "
-           "(written by --gpuconform-save-baseline)", default_text="off", metavar="FILE"),
-    Option("--gpuconform-regression-fraction", "With --gpuconform-baseline: a number more than F below its "
-           "baseline fails", default=0.1, default_text="0.1", parse=fraction, metavar="F"),
-    Option("--gpuconform-peer-fraction", "A GPU more than F below the median of the node's GPUs fails the peer "
-           "comparison", default=0.1, default_text="0.1", parse=fraction, metavar="F"),
-    Option("--gpuconform-perf-floors", "Performance floors file replacing the shipped one "
-           "(pytest_gpuconform/perf/data/perf_floors.json)", default_text="the shipped file", metavar="FILE"),
+    Option(
+        "--gpuconform-expect-gpus",
+        "Strict acceptance: this node must have at least N visible GPUs; with fewer, "
+        "the GPU checks fail instead of skipping",
+        default=0,
+        default_text="0",
+        parse=non_negative_int,
+        ini="gpuconform_expect_gpus",
+        metavar="N",
+    ),
+    Option(
+        "--gpuconform-cpu-ranks",
+        "How many gloo ranks a CPU node may host for world_size tests",
+        default=default_cpu_ranks,
+        default_text="max(2, CPU cores)",
+        parse=positive_int,
+        ini="gpuconform_cpu_ranks",
+        metavar="N",
+    ),
+    Option(
+        "--gpuconform-timeout",
+        "Deadline in seconds of one multi-rank test",
+        default=120.0,
+        default_text="120",
+        parse=positive_float,
+        ini="gpuconform_timeout",
+        metavar="SECONDS",
+    ),
+    Option(
+        "--gpuconform-fresh-ranks",
+        "Start new rank processes for every multi-rank test instead of reusing them",
+        default=False,
+        default_text="off",
+        action="store_true",
+    ),
+    Option(
+        "--gpuconform-tolerance",
+        "Override a tolerance, e.g. 'bf16:rtol=2e-2,rel_l2=1e-2'. Repeatable; applied "
+        "after the ini gpuconform_tolerances lines (one per line, site policy), so it wins",
+        default=(),
+        default_text="the table",
+        metavar="DTYPE:KEY=VALUE[,KEY=VALUE]",
+        action="append",
+    ),
+    Option(
+        "--gpuconform-cluster",
+        "Cluster mode (one pytest per rank, launched by torchrun or srun): auto detects "
+        "torchrun, and srun with more than one task per node; on/off force it",
+        default="auto",
+        default_text="auto",
+        choices=("auto", "on", "off"),
+    ),
+    Option(
+        "--gpuconform-cluster-junit",
+        "Cluster mode: where rank 0 writes the merged JUnit file",
+        default_text="junit-cluster.xml beside the per-rank --junitxml files",
+        metavar="PATH",
+    ),
+    Option(
+        "--gpuconform-save-baseline",
+        "Write this run's measured throughputs (records named *_tflops, *_gbps) to FILE as JSON",
+        default_text="off",
+        metavar="FILE",
+    ),
+    Option(
+        "--gpuconform-baseline",
+        "Fail tests whose throughputs regressed against FILE (written by --gpuconform-save-baseline)",
+        default_text="off",
+        metavar="FILE",
+    ),
+    Option(
+        "--gpuconform-regression-fraction",
+        "With --gpuconform-baseline: a number more than F below its baseline fails",
+        default=0.1,
+        default_text="0.1",
+        parse=fraction,
+        metavar="F",
+    ),
+    Option(
+        "--gpuconform-peer-fraction",
+        "A GPU more than F below the median of the node's GPUs fails the peer comparison",
+        default=0.1,
+        default_text="0.1",
+        parse=fraction,
+        metavar="F",
+    ),
+    Option(
+        "--gpuconform-perf-floors",
+        "Performance floors file replacing the shipped one (pytest_gpuconform/perf/data/perf_floors.json)",
+        default_text="the shipped file",
+        metavar="FILE",
+    ),
 )
 
 BY_DEST = {option.dest: option for option in OPTIONS}

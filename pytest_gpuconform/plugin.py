@@ -92,8 +92,10 @@ def _start(config: pytest.Config) -> None:
     if world is None:
         register(RankEngine(), RankEngine.PLUGIN_NAME)
     else:
-        register(ClusterMode(config, world, settings.timeout, junit_template, settings.cluster_junit),
-                 ClusterMode.PLUGIN_NAME)
+        register(
+            ClusterMode(config, world, settings.timeout, junit_template, settings.cluster_junit),
+            ClusterMode.PLUGIN_NAME,
+        )
     register(ReportingPlugin(config, settings, inventory), ReportingPlugin.PLUGIN_NAME)
     watch = HealthWatch(config, inventory.node)
     config.stash[WATCH_KEY] = watch

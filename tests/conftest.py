@@ -18,7 +18,9 @@ def fake_nvml(tmp_path, monkeypatch):
         path = tmp_path / "fake_nvml.json"
         path.write_text(json.dumps(config))
         monkeypatch.setenv("FAKE_NVML", str(path))
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE_NVML_DIR), os.environ.get("PYTHONPATH")])))
+        monkeypatch.setenv(
+            "PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE_NVML_DIR), os.environ.get("PYTHONPATH")]))
+        )
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
         return {"FAKE_NVML": str(path)}
 

@@ -29,8 +29,10 @@ def mismatch(got: torch.Tensor, want: torch.Tensor, what: str) -> str | None:
     first = int(wrong.nonzero()[0, 0])
     diff = (got.double() - want.double()).abs()
     worst = float(diff[wrong].max())
-    return (f"{what}: #wrong={count} of {got.numel()} elements, first at [{first}]: "
-            f"got {got[first].item()!r} expected {want[first].item()!r}, max |diff|={worst:.6g} (bound: exact)")
+    return (
+        f"{what}: #wrong={count} of {got.numel()} elements, first at [{first}]: "
+        f"got {got[first].item()!r} expected {want[first].item()!r}, max |diff|={worst:.6g} (bound: exact)"
+    )
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -52,9 +54,11 @@ def not_close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float, w
         return None
     excess = torch.where(bad, (diff - allowed).nan_to_num(float("inf")), torch.zeros_like(diff))
     worst = int(excess.argmax())
-    return (f"{what}: {int(bad.sum())} of {got.numel()} elements outside tolerance, worst at [{worst}]: "
-            f"got {got[worst].item():.8g} expected {want[worst].item():.8g}, |diff|={diff[worst].item():.3g} "
-            f"> bound {allowed[worst].item():.3g} (atol={atol:g}, rtol={rtol:g})")
+    return (
+        f"{what}: {int(bad.sum())} of {got.numel()} elements outside tolerance, worst at [{worst}]: "
+        f"got {got[worst].item():.8g} expected {want[worst].item():.8g}, |diff|={diff[worst].item():.3g} "
+        f"> bound {allowed[worst].item():.3g} (atol={atol:g}, rtol={rtol:g})"
+    )
 
 
 def relative_l2(got: torch.Tensor, want: torch.Tensor) -> float:

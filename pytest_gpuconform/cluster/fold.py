@@ -34,13 +34,16 @@ def merge(reports: list[tuple[str, int, str]]) -> ET.Element:
         parsed.append((host, rank, suite))
     base = next(s for _, _, s in parsed if s is not None)
     assert base is not None
-    suite = ET.Element("testsuite", {"name": "gpuconform-cluster", "hostname": base.get("hostname", ""),
-                                     "timestamp": base.get("timestamp", "")})
+    suite = ET.Element(
+        "testsuite",
+        {"name": "gpuconform-cluster", "hostname": base.get("hostname", ""), "timestamp": base.get("timestamp", "")},
+    )
     props = ET.SubElement(suite, "properties")
     for prop in base.findall("properties/property"):
         props.append(prop)
-    ET.SubElement(props, "property", {"name": "gpuconform.cluster_ranks",
-                                      "value": " ".join(f"{h}/r{r}" for h, r, _ in parsed)})
+    ET.SubElement(
+        props, "property", {"name": "gpuconform.cluster_ranks", "value": " ".join(f"{h}/r{r}" for h, r, _ in parsed)}
+    )
     order: list[tuple[str, str]] = []
     cases: dict[tuple[str, str], list[tuple[str, int, ET.Element]]] = {}
     for host, rank, rank_suite in parsed:

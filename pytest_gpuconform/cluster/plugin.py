@@ -31,7 +31,7 @@ def check_rendezvous_environment(world: ClusterWorld) -> None:
     if missing:
         raise pytest.UsageError(
             f"cluster mode under {world.launcher}: {' and '.join(missing)} not set. Under srun, export them "
-            "before the step, e.g. MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1) "
+            'before the step, e.g. MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1) '
             "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000)); or pass --gpuconform-cluster off for "
             "independent per-node runs"
         )
@@ -42,8 +42,14 @@ class ClusterMode:
 
     PLUGIN_NAME = "gpuconform-cluster"
 
-    def __init__(self, config: pytest.Config, world: ClusterWorld, timeout: float, xml_template: str | None,
-                 merged_junit: str | None) -> None:
+    def __init__(
+        self,
+        config: pytest.Config,
+        world: ClusterWorld,
+        timeout: float,
+        xml_template: str | None,
+        merged_junit: str | None,
+    ) -> None:
         self.config = config
         self.world = world
         self.backend = world.backend
@@ -114,12 +120,16 @@ class ClusterMode:
 
         digest = hashlib.sha256("\n".join(item.nodeid for item in session.items).encode()).hexdigest()
         digests: list[Any] = [None] * self.world.world_size
-        dist.all_gather_object(digests, (self.world.host, self.world.rank, digest, len(session.items)),
-                               group=self.control)
+        dist.all_gather_object(
+            digests, (self.world.host, self.world.rank, digest, len(session.items)), group=self.control
+        )
         if len({d for _, _, d, _ in digests}) != 1:
             ranks = ", ".join(f"{h}/r{r}: {n} tests ({d[:8]})" for h, r, d, n in digests)
-            pytest.exit(f"cluster ranks collected different tests ({ranks}); every rank needs the same "
-                        "arguments, no test randomisation (-p no:randomly) and no -n", returncode=4)
+            pytest.exit(
+                f"cluster ranks collected different tests ({ranks}); every rank needs the same "
+                "arguments, no test randomisation (-p no:randomly) and no -n",
+                returncode=4,
+            )
 
     @staticmethod
     def _is_multi_rank(item) -> bool:
@@ -146,8 +156,11 @@ class ClusterMode:
 
         def expire(signum, frame):
             stack = "".join(traceback.format_stack(frame))
-            pytest.fail(f"timed out after {deadline:g} s on host {self.world.host} rank {self.world.rank} "
-                        f"(--gpuconform-timeout or world_size(timeout=...)); stack:\n{stack}", pytrace=False)
+            pytest.fail(
+                f"timed out after {deadline:g} s on host {self.world.host} rank {self.world.rank} "
+                f"(--gpuconform-timeout or world_size(timeout=...)); stack:\n{stack}",
+                pytrace=False,
+            )
 
         previous = signal.signal(signal.SIGALRM, expire)
         signal.setitimer(signal.ITIMER_REAL, deadline)
@@ -188,13 +201,20 @@ class ClusterMode:
         if self.store is None:
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
             self.store = dist.TCPStore(
-                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world.world_size,
-                is_master=self.world.rank == 0 and not agent_store, timeout=timedelta(seconds=max(300.0, self.timeout * 2)),
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                self.world.world_size,
+                is_master=self.world.rank == 0 and not agent_store,
+                timeout=timedelta(seconds=max(300.0, self.timeout * 2)),
             )
         self.generation += 1
-        dist.init_process_group(self.backend, store=dist.PrefixStore(f"gpuconform/pg{self.generation}", self.store),
-                                rank=self.world.rank, world_size=self.world.world_size,
-                                timeout=timedelta(seconds=self.timeout + 30))
+        dist.init_process_group(
+            self.backend,
+            store=dist.PrefixStore(f"gpuconform/pg{self.generation}", self.store),
+            rank=self.world.rank,
+            world_size=self.world.world_size,
+            timeout=timedelta(seconds=self.timeout + 30),
+        )
         # Reports and outcomes travel over gloo even on NCCL clusters: no GPU, no stream.
         self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(300.0, self.timeout * 2)))
 

@@ -40,14 +40,14 @@ def detect(environ: Mapping[str, str] | None = None, mode: str = "auto") -> Clus
         return None
     host = host_name(environ)
     if "TORCHELASTIC_RUN_ID" in environ or (mode == "on" and "RANK" in environ and "WORLD_SIZE" in environ):
-        return ClusterWorld("torchrun", int(environ["RANK"]), int(environ["WORLD_SIZE"]),
-                            int(environ.get("LOCAL_RANK", 0)), host)
+        return ClusterWorld(
+            "torchrun", int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), host
+        )
     # SLURM_STEP_ID: a real srun step (the batch script itself also sees SLURM_PROCID/NTASKS).
     if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and (mode == "on" or "SLURM_STEP_ID" in environ):
         tasks, nodes = int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_NNODES", 1))
         if mode == "on" or (tasks > 1 and tasks != nodes):
-            return ClusterWorld("srun", int(environ["SLURM_PROCID"]), tasks,
-                                int(environ.get("SLURM_LOCALID", 0)), host)
+            return ClusterWorld("srun", int(environ["SLURM_PROCID"]), tasks, int(environ.get("SLURM_LOCALID", 0)), host)
     return None
 
 

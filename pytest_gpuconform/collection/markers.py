@@ -57,8 +57,10 @@ def gpu_need(marker: pytest.Mark | None, nodeid: str) -> GpuNeed | None:
     if not isinstance(bf16, bool):
         raise MarkerError(f"{nodeid}: gpu(bf16={bf16!r}): expected True or False")
     if kwargs:
-        raise MarkerError(f"{nodeid}: gpu() got unknown keywords {sorted(kwargs)}; "
-                          "accepted: n, bf16, min_compute_capability, min_memory_gib")
+        raise MarkerError(
+            f"{nodeid}: gpu() got unknown keywords {sorted(kwargs)}; "
+            "accepted: n, bf16, min_compute_capability, min_memory_gib"
+        )
     return GpuNeed(n=n, bf16=bf16, min_compute_capability=cc, min_memory_gib=memory)
 
 
@@ -68,16 +70,21 @@ def world_size_spec(marker: pytest.Mark | None, nodeid: str) -> WorldSizeSpec | 
     sizes = list(marker.args)
     bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or s < 1]
     if not sizes or bad:
-        raise MarkerError(f"{nodeid}: world_size{tuple(sizes)!r}: sizes must be whole numbers >= 1, "
-                          "e.g. @pytest.mark.world_size(2, 4)")
+        raise MarkerError(
+            f"{nodeid}: world_size{tuple(sizes)!r}: sizes must be whole numbers >= 1, "
+            "e.g. @pytest.mark.world_size(2, 4)"
+        )
     unknown = set(marker.kwargs) - {"timeout", "fresh"}
     if unknown:
         raise MarkerError(f"{nodeid}: world_size() got unknown keywords {sorted(unknown)}; accepted: timeout, fresh")
     timeout = marker.kwargs.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not math.isfinite(timeout) or timeout <= 0):
-        raise MarkerError(f"{nodeid}: world_size(timeout={timeout!r}): expected a number of seconds > 0, "
-                          "e.g. timeout=60 (leave it out for --gpuconform-timeout)")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0
+    ):
+        raise MarkerError(
+            f"{nodeid}: world_size(timeout={timeout!r}): expected a number of seconds > 0, "
+            "e.g. timeout=60 (leave it out for --gpuconform-timeout)"
+        )
     fresh = marker.kwargs.get("fresh", False)
     if not isinstance(fresh, bool):
         raise MarkerError(f"{nodeid}: world_size(fresh={fresh!r}): expected True or False")

@@ -65,15 +65,18 @@ class CollectionPolicy:
                 return reason, False
         cpu_ranks = self.settings.cpu_ranks
         if device == "cpu" and plan.multi_rank and ranks > cpu_ranks and not in_cluster_world:
-            return (f"needs {ranks} gloo ranks; this CPU node hosts at most {cpu_ranks} "
-                    f"(--gpuconform-cpu-ranks)"), False
+            return (
+                f"needs {ranks} gloo ranks; this CPU node hosts at most {cpu_ranks} (--gpuconform-cpu-ranks)"
+            ), False
         return None, False
 
     def _cluster_reason(self, ranks: int, device: str | None) -> str | None:
         world = self.cluster_world
         if ranks != world.world_size:
-            return (f"needs world size {ranks}; {world.launcher} launched {world.world_size} ranks "
-                    "(cluster mode runs only tests whose size equals the launched world)")
+            return (
+                f"needs world size {ranks}; {world.launcher} launched {world.world_size} ranks "
+                "(cluster mode runs only tests whose size equals the launched world)"
+            )
         wanted = "cuda" if world.backend == "nccl" else "cpu"
         if device != wanted:
             return f"cluster world uses {world.backend} ({wanted}); the {device} variant runs in per-node mode"

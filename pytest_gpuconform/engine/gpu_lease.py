@@ -57,8 +57,9 @@ def lease(tokens: list[str], timeout: float):
                     time.sleep(0.05)
             held.append(handle)
         if held:
-            log.debug("leased GPU(s) %s after %.2f s", ",".join(sorted(set(tokens))),
-                      timeout - (deadline - time.monotonic()))
+            log.debug(
+                "leased GPU(s) %s after %.2f s", ",".join(sorted(set(tokens))), timeout - (deadline - time.monotonic())
+            )
         yield
     finally:
         for handle in reversed(held):

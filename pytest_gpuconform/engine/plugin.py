@@ -129,16 +129,29 @@ def build_request(item: pytest.Function, plan: TestPlan) -> RunTest:
     import sys
 
     function = item.obj
-    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function) or inspect.isgeneratorfunction(function):
-        raise UnsendableFixture(f"{item.nodeid} is a coroutine or generator function; multi-rank test bodies "
-                                "must be plain functions (nothing would run them to completion in the ranks)")
+    if (
+        inspect.iscoroutinefunction(function)
+        or inspect.isasyncgenfunction(function)
+        or inspect.isgeneratorfunction(function)
+    ):
+        raise UnsendableFixture(
+            f"{item.nodeid} is a coroutine or generator function; multi-rank test bodies "
+            "must be plain functions (nothing would run them to completion in the ranks)"
+        )
     kwargs, rank_side = controller_kwargs(item)
     instance = _pickled(item, "the test class instance", item.instance) if item.cls is not None else None
     module = item.module
     qualname = item.originalname if item.cls is None else f"{item.cls.__qualname__}.{item.originalname}"
     return RunTest(
-        nodeid=item.nodeid, module_name=module.__name__, module_file=module.__file__, function=qualname,
-        kwargs=kwargs, instance=instance, rank_fixtures=rank_side, sys_path=tuple(sys.path), seed=plan.seed,
+        nodeid=item.nodeid,
+        module_name=module.__name__,
+        module_file=module.__file__,
+        function=qualname,
+        kwargs=kwargs,
+        instance=instance,
+        rank_fixtures=rank_side,
+        sys_path=tuple(sys.path),
+        seed=plan.seed,
     )
 
 
@@ -193,8 +206,10 @@ class RankEngine:
                     pool = self.pool_for(key, timeout, gpus)
                 except RankStartError as exc:
                     self.discard(key, "start-up failed")
-                    pytest.fail(f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]}): {exc}",
-                                pytrace=False)
+                    pytest.fail(
+                        f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]}): {exc}",
+                        pytrace=False,
+                    )
                 result = pool.run(request, timeout)
         except LeaseTimeout as exc:
             pytest.fail(str(exc), pytrace=False)

@@ -59,8 +59,14 @@ class RankStartError(RuntimeError):
 
 
 class RankPool:
-    def __init__(self, world_size: int, backend: str | None, device_kind: str, pg_timeout: float,
-                 cuda_visible_devices: str | None = None) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        backend: str | None,
+        device_kind: str,
+        pg_timeout: float,
+        cuda_visible_devices: str | None = None,
+    ) -> None:
         self.world_size = world_size
         self.cuda_visible_devices = cuda_visible_devices  # set for the ranks only (leased GPUs)
         self.backend = backend
@@ -82,9 +88,14 @@ class RankPool:
         for rank in range(self.world_size):
             parent, child = context.Pipe(duplex=True)
             spec = RankSpec(
-                rank=rank, world_size=self.world_size, backend=self.backend, device_kind=self.device_kind,
-                store_path=store_path, log_path=os.path.join(self.workdir, f"rank{rank}.log"),
-                stack_path=os.path.join(self.workdir, f"rank{rank}.stack"), pg_timeout=self.pg_timeout,
+                rank=rank,
+                world_size=self.world_size,
+                backend=self.backend,
+                device_kind=self.device_kind,
+                store_path=store_path,
+                log_path=os.path.join(self.workdir, f"rank{rank}.log"),
+                stack_path=os.path.join(self.workdir, f"rank{rank}.stack"),
+                pg_timeout=self.pg_timeout,
                 sys_path=tuple(sys.path),
             )
             process = context.Process(target=main, args=(spec, child), name=f"gpuconform-rank{rank}", daemon=True)
@@ -99,16 +110,20 @@ class RankPool:
             ready = wait(list(waiting) + list(sentinels), timeout=max(0.0, left))
             if not ready:
                 self.kill()
-                raise RankStartError(f"ranks did not join the process group within {deadline_seconds:.0f} s "
-                                     f"(still waiting: {sorted(r.rank for r in waiting.values())})")
+                raise RankStartError(
+                    f"ranks did not join the process group within {deadline_seconds:.0f} s "
+                    f"(still waiting: {sorted(r.rank for r in waiting.values())})"
+                )
             for item in ready:
                 if item in sentinels and item not in waiting:
                     state = sentinels.pop(item)
                     if state.conn in waiting:
                         state.process.join(0.5)
                         self.kill()
-                        raise RankStartError(f"rank {state.rank} died during start-up "
-                                             f"({describe_exit(state.process.exitcode)}):\n{self._log(state)}")
+                        raise RankStartError(
+                            f"rank {state.rank} died during start-up "
+                            f"({describe_exit(state.process.exitcode)}):\n{self._log(state)}"
+                        )
                     continue
                 state = waiting.pop(item)
                 try:
@@ -116,8 +131,10 @@ class RankPool:
                 except (EOFError, OSError):
                     state.process.join(1.0)
                     self.kill()
-                    raise RankStartError(f"rank {state.rank} died during start-up "
-                                         f"({describe_exit(state.process.exitcode)}):\n{self._log(state)}") from None
+                    raise RankStartError(
+                        f"rank {state.rank} died during start-up "
+                        f"({describe_exit(state.process.exitcode)}):\n{self._log(state)}"
+                    ) from None
                 if isinstance(message, StartupFailed):
                     self.kill()
                     raise RankStartError(f"rank {message.rank} failed to start:\n{message.traceback}")
@@ -146,8 +163,9 @@ class RankPool:
             if now >= deadline:
                 result.timed_out = not (result.exitcodes or _any_failed(result))
                 break
-            ready = wait(list(pending) + [s for s, st in sentinels.items() if st.conn in pending],
-                         timeout=deadline - now)
+            ready = wait(
+                list(pending) + [s for s, st in sentinels.items() if st.conn in pending], timeout=deadline - now
+            )
             for item in ready:
                 found = sentinels.get(item) or pending.get(item)
                 if found is None or found.conn not in pending:

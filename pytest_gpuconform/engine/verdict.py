@@ -81,11 +81,19 @@ def judge(result: PoolResult, world_size: int, timeout: float) -> Verdict:
     skipped_ranks = [r.rank for r in result.reports.values() if r.outcome == "skipped"]
     if skipped_ranks and (len(skipped_ranks) != world_size or len(skips) != 1):
         # Checked before the deadline: a peer of a skipping rank often waits in a collective.
-        return Verdict("failed", "ranks disagree about skipping: " + "; ".join(lines), _stacks_text(result),
-                       lines, records, reusable=False)
+        return Verdict(
+            "failed",
+            "ranks disagree about skipping: " + "; ".join(lines),
+            _stacks_text(result),
+            lines,
+            records,
+            reusable=False,
+        )
     if result.timed_out or result.running:
-        headline = (f"timed out after {timeout:g} s (--gpuconform-timeout or world_size(timeout=...)); "
-                    f"ranks still running: {', '.join(map(str, result.running))}")
+        headline = (
+            f"timed out after {timeout:g} s (--gpuconform-timeout or world_size(timeout=...)); "
+            f"ranks still running: {', '.join(map(str, result.running))}"
+        )
         return Verdict("failed", headline, _stacks_text(result), lines, records, reusable=False)
     if skipped_ranks:
         return Verdict("skipped", skips.pop(), "", lines, records)

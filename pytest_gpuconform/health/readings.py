@@ -55,8 +55,7 @@ class _Reader:
         self.pynvml, self.handle, self.health = pynvml, handle, health
 
     def _is_not_applicable(self, exc: Exception) -> bool:
-        return any(type(exc).__name__ == name or _is_instance(self.pynvml, exc, name)
-                   for name in NOT_APPLICABLE_ERRORS)
+        return any(type(exc).__name__ == name or _is_instance(self.pynvml, exc, name) for name in NOT_APPLICABLE_ERRORS)
 
     def call(self, counter: str, function_names: tuple[str, ...], *args):
         """Call the first of ``function_names`` this binding and driver have; None if none."""
@@ -117,8 +116,9 @@ def _read_memory_repair(r: _Reader) -> None:
 
 
 def _read_clocks(r: _Reader) -> None:
-    reasons = r.call("clocks_event_reasons", ("nvmlDeviceGetCurrentClocksEventReasons",
-                                              "nvmlDeviceGetCurrentClocksThrottleReasons"))
+    reasons = r.call(
+        "clocks_event_reasons", ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
+    )
     r.put("clocks_event_reasons", None if reasons is None else int(reasons))
 
 

@@ -15,8 +15,14 @@ from .readings import GpuHealth
 # Clock event ("throttle") reason bits, fixed by the NVML ABI (nvml.h).
 GPU_IDLE = 0x1
 REASON_NAMES = {
-    0x1: "GpuIdle", 0x2: "ApplicationsClocksSetting", 0x4: "SwPowerCap", 0x8: "HwSlowdown",
-    0x10: "SyncBoost", 0x20: "SwThermalSlowdown", 0x40: "HwThermalSlowdown", 0x80: "HwPowerBrakeSlowdown",
+    0x1: "GpuIdle",
+    0x2: "ApplicationsClocksSetting",
+    0x4: "SwPowerCap",
+    0x8: "HwSlowdown",
+    0x10: "SyncBoost",
+    0x20: "SwThermalSlowdown",
+    0x40: "HwThermalSlowdown",
+    0x80: "HwPowerBrakeSlowdown",
 }
 # Idle, application clocks, software power cap and sync boost are normal operation; these
 # mean the board is slowed by hardware protection (overheating, power brake, HW slowdown).
@@ -53,8 +59,11 @@ def ecc(gpu: GpuHealth) -> Finding:
         return Finding(problems=_errors(gpu, (counter,))) if counter in gpu.errors else _not_applicable(gpu, (counter,))
     value = gpu.values[counter]
     if value > 0:
-        return Finding(problems=[f"{gpu.label()}: {counter} = {value}, bound 0 "
-                                 "(uncorrectable memory errors since the driver loaded)"])
+        return Finding(
+            problems=[
+                f"{gpu.label()}: {counter} = {value}, bound 0 (uncorrectable memory errors since the driver loaded)"
+            ]
+        )
     return Finding()
 
 
@@ -81,9 +90,12 @@ def throttling(gpu: GpuHealth) -> Finding:
         return Finding(problems=_errors(gpu, (counter,))) if counter in gpu.errors else _not_applicable(gpu, (counter,))
     bits = gpu.values[counter]
     if bits & BAD_REASONS:
-        return Finding(problems=[
-            f"{gpu.label()}: {counter} = {bits:#x} ({reason_names(bits & BAD_REASONS)} active), "
-            f"bound none of {reason_names(BAD_REASONS)}"])
+        return Finding(
+            problems=[
+                f"{gpu.label()}: {counter} = {bits:#x} ({reason_names(bits & BAD_REASONS)} active), "
+                f"bound none of {reason_names(BAD_REASONS)}"
+            ]
+        )
     return Finding()
 
 
@@ -104,13 +116,18 @@ def pcie_link(gpu: GpuHealth, under_load: bool = False) -> Finding:
     v = gpu.values
     idle = bool(v.get("clocks_event_reasons", 0) & GPU_IDLE) and not under_load
     finding = Finding()
-    for current, maximum, what in (("pcie_gen", "pcie_max_gen", "generation"), ("pcie_width", "pcie_max_width", "width")):
+    for current, maximum, what in (
+        ("pcie_gen", "pcie_max_gen", "generation"),
+        ("pcie_width", "pcie_max_width", "width"),
+    ):
         if v[current] >= v[maximum]:
             continue
         line = f"{gpu.label()}: {current} = {v[current]}, bound {maximum} = {v[maximum]}"
         if idle:
-            finding.notes.append(f"{line}: not judged while the GPU idles (link {what} drops to save power); "
-                                 "judged under load by test_performance.py::test_pcie_link_under_load")
+            finding.notes.append(
+                f"{line}: not judged while the GPU idles (link {what} drops to save power); "
+                "judged under load by test_performance.py::test_pcie_link_under_load"
+            )
         else:
             finding.problems.append(f"{line}{' under load' if under_load else ''} (degraded PCIe link)")
     if finding.notes and not finding.problems:
@@ -129,8 +146,9 @@ def nvlink(gpu: GpuHealth) -> Finding:
     if down and len(down) == len(states) and "pcie" in gpu.name.lower():
         return Finding(notes=[f"{gpu.label()}: no NVLink up on a PCIe card: no NVLink bridge fitted"], applicable=False)
     if down:
-        return Finding(problems=[f"{gpu.label()}: nvlink links down = {down} "
-                                 f"({len(down)} of {len(states)}), bound all up"])
+        return Finding(
+            problems=[f"{gpu.label()}: nvlink links down = {down} ({len(down)} of {len(states)}), bound all up"]
+        )
     return Finding()
 
 
@@ -138,8 +156,11 @@ def counter_changes(before: GpuHealth, after: GpuHealth | None, xids: list[int])
     """Problems that appeared between two readings of the same GPU (and XIDs in between)."""
     if after is None:
         return [f"{before.label()}: no longer answers NVML at the end of the run (fell off the bus?)"]
-    problems = [f"{after.label()}: {c}: NVML error at the end of the run: {e}" for c, e in after.errors.items()
-                if c not in before.errors]
+    problems = [
+        f"{after.label()}: {c}: NVML error at the end of the run: {e}"
+        for c, e in after.errors.items()
+        if c not in before.errors
+    ]
     for counter in ("ecc_uncorrected_volatile", "remapped_rows_uncorrectable"):
         old, new = before.values.get(counter), after.values.get(counter)
         if old is not None and new is not None and new > old:

@@ -71,8 +71,7 @@ class HealthWatch:
     def handoff(self) -> dict:
         """What an xdist worker needs from the controller (see xdist_glue.py)."""
         self.ensure_started()
-        return {"uuids": self.uuids, "start": [g.as_dict() for g in self.start or []],
-                "start_error": self.start_error}
+        return {"uuids": self.uuids, "start": [g.as_dict() for g in self.start or []], "start_error": self.start_error}
 
     def _register_xid_events(self) -> None:
         try:
@@ -163,7 +162,10 @@ def _report_extra_case(config: pytest.Config, nodeid: str, failure: str) -> None
     location = (nodeid.split("::")[0], None, nodeid.split("::")[-1])
     config.hook.pytest_runtest_logstart(nodeid=nodeid, location=location)
     phases: tuple[tuple[Literal["setup", "call", "teardown"], Literal["passed", "failed"], str | None], ...] = (
-        ("setup", "passed", None), ("call", "failed", failure), ("teardown", "passed", None))
+        ("setup", "passed", None),
+        ("call", "failed", failure),
+        ("teardown", "passed", None),
+    )
     for when, outcome, longrepr in phases:
         report = pytest.TestReport(nodeid, location, {}, outcome, longrepr, when)
         config.hook.pytest_runtest_logreport(report=report)

@@ -79,8 +79,10 @@ class NvmlUnavailable(RuntimeError):
         self.message = message
 
 
-_MISMATCH_HINT = (": the NVIDIA kernel module and user-space library differ; reboot the node "
-                  "(or reload the driver) after a driver upgrade")
+_MISMATCH_HINT = (
+    ": the NVIDIA kernel module and user-space library differ; reboot the node "
+    "(or reload the driver) after a driver upgrade"
+)
 
 
 @contextmanager

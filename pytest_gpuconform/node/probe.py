@@ -30,14 +30,16 @@ def probe() -> dict:
         devices = []
         for index in range(result["device_count"]):
             props = torch.cuda.get_device_properties(index)
-            devices.append({
-                "index": index,
-                "name": props.name,
-                "uuid": "GPU-" + str(getattr(props, "uuid", "")),
-                "compute_capability": f"{props.major}.{props.minor}",
-                "bf16_supported": bool(torch.cuda.is_bf16_supported()) if index == 0 else None,
-                "round_trip": _round_trip(torch, index),
-            })
+            devices.append(
+                {
+                    "index": index,
+                    "name": props.name,
+                    "uuid": "GPU-" + str(getattr(props, "uuid", "")),
+                    "compute_capability": f"{props.major}.{props.minor}",
+                    "bf16_supported": bool(torch.cuda.is_bf16_supported()) if index == 0 else None,
+                    "round_trip": _round_trip(torch, index),
+                }
+            )
             if index:
                 with torch.cuda.device(index):
                     devices[-1]["bf16_supported"] = bool(torch.cuda.is_bf16_supported())
@@ -52,7 +54,9 @@ def run_probe(timeout: float = 180.0) -> dict:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "pytest_gpuconform.node.probe"],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         return {"error": f"CUDA probe did not finish within {timeout:.0f} s"}

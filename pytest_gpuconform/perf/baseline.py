@@ -60,20 +60,24 @@ def load(path: str) -> dict[str, float]:
     except ValueError as exc:
         raise BadBaseline(f"baseline {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BadBaseline(f"baseline {path} is not a pytest-gpuconform baseline "
-                          f"(expected \"format\": \"{FORMAT}\"; write one with --gpuconform-save-baseline)")
+        raise BadBaseline(
+            f"baseline {path} is not a pytest-gpuconform baseline "
+            f'(expected "format": "{FORMAT}"; write one with --gpuconform-save-baseline)'
+        )
     if data.get("version") != VERSION:
         raise BadBaseline(f"baseline {path} has version {data.get('version')!r}; this plugin reads version {VERSION}")
     metrics = data.get("metrics")
     if not isinstance(metrics, dict):
-        raise BadBaseline(f"baseline {path}: \"metrics\" must be an object of name -> number")
+        raise BadBaseline(f'baseline {path}: "metrics" must be an object of name -> number')
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise BadBaseline(f"baseline {path}: metric {key!r} = {value!r} is not a positive number")
     return {k: float(v) for k, v in metrics.items()}
 
 
-def regressions(measured: dict[str, float], reference: dict[str, float], allowed: float) -> list[tuple[str, float, float, float]]:
+def regressions(
+    measured: dict[str, float], reference: dict[str, float], allowed: float
+) -> list[tuple[str, float, float, float]]:
     """(key, measured, baseline, lowest allowed) for every number below its bound. Pure."""
     found = []
     for key, value in measured.items():
@@ -114,8 +118,10 @@ class BaselineState:
         for key, value, base, bound in regressions(measured, self.reference, self.allowed):
             name = key.rsplit("::", 1)[-1]
             unit = tracked_unit(name, value)
-            lines.append(f"{self.gpu_label(name)}{name} = {value:.4g} {unit}, {1 - value / base:.1%} below baseline "
-                         f"{base:.4g}; bound >= {bound:.4g} (--gpuconform-regression-fraction {self.allowed:g})")
+            lines.append(
+                f"{self.gpu_label(name)}{name} = {value:.4g} {unit}, {1 - value / base:.1%} below baseline "
+                f"{base:.4g}; bound >= {bound:.4g} (--gpuconform-regression-fraction {self.allowed:g})"
+            )
         return lines
 
     def write(self) -> None:
@@ -136,8 +142,11 @@ class BaselineState:
         """What the terminal says about the saved file; a baseline with nothing in it says why."""
         if self.collected:
             return f"gpuconform: wrote {len(self.collected)} baseline number(s) to {self.save_path}"
-        why = ("this node has no GPU, so no performance check measured anything"
-               if not self.inventory.node.count else "no test recorded a number named *_tflops or *_gbps")
+        why = (
+            "this node has no GPU, so no performance check measured anything"
+            if not self.inventory.node.count
+            else "no test recorded a number named *_tflops or *_gbps"
+        )
         return f"gpuconform: wrote a baseline with 0 numbers to {self.save_path}: {why}"
 
     # -- hooks ----------------------------------------------------------------------------

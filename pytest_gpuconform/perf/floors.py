@@ -38,8 +38,10 @@ class FloorTable:
         return self.models.get(gpu_name.strip().lower())
 
     def missing_reason(self, gpu_name: str) -> str:
-        return (f"no performance floor for GPU model {gpu_name!r} in {self.path} "
-                "(add it there or pass --gpuconform-perf-floors FILE)")
+        return (
+            f"no performance floor for GPU model {gpu_name!r} in {self.path} "
+            "(add it there or pass --gpuconform-perf-floors FILE)"
+        )
 
 
 def _number(value, where: str) -> float:
@@ -57,7 +59,7 @@ def load(path: str | Path | None = None) -> FloorTable:
     except ValueError as exc:
         raise BadFloors(f"floors file {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BadFloors(f"{path} is not a floors file (expected \"format\": \"{FORMAT}\")")
+        raise BadFloors(f'{path} is not a floors file (expected "format": "{FORMAT}")')
     fractions = data.get("fraction_of_peak", {})
     gemm_fraction = _number(fractions.get("gemm_tflops"), f"{path}: fraction_of_peak.gemm_tflops")
     busbw_fraction = _number(fractions.get("all_reduce_busbw_gbps"), f"{path}: fraction_of_peak.all_reduce_busbw_gbps")

@@ -100,8 +100,9 @@ def time_repeats(torch, device, step, warmup: int, repeats: int, while_loaded=No
     return Timing(statistics.median(times), tuple(times))
 
 
-def measure_gemm(device, precision: str, n: int = GEMM_SIZE, warmup: int = 3, repeats: int = 10,
-                 while_loaded=None) -> GemmResult:
+def measure_gemm(
+    device, precision: str, n: int = GEMM_SIZE, warmup: int = 3, repeats: int = 10, while_loaded=None
+) -> GemmResult:
     import torch
 
     dtype = getattr(torch, _DTYPES[precision])

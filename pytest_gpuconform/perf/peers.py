@@ -21,8 +21,10 @@ class SlowPeer:
     bound: float
 
     def line(self, metric: str, unit: str, fraction: float) -> str:
-        return (f"{self.label}: {metric} = {self.value:.4g} {unit}, {1 - self.value / self.median:.1%} below the node "
-                f"median {self.median:.4g}; bound >= {self.bound:.4g} (--gpuconform-peer-fraction {fraction:g})")
+        return (
+            f"{self.label}: {metric} = {self.value:.4g} {unit}, {1 - self.value / self.median:.1%} below the node "
+            f"median {self.median:.4g}; bound >= {self.bound:.4g} (--gpuconform-peer-fraction {fraction:g})"
+        )
 
 
 def slow_peers(values: dict[str, float], fraction: float) -> list[SlowPeer]:

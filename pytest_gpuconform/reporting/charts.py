@@ -71,8 +71,11 @@ def _describe(point: Point) -> str:
 
 
 def _text(x: float, y: float, text: str, anchor: str = "start", weight: str = "normal") -> Shape:
-    return Shape("text", {"x": f"{x:.1f}", "y": f"{y:.1f}", "text-anchor": anchor,
-                          "font-weight": weight, "font-size": "11"}, text)
+    return Shape(
+        "text",
+        {"x": f"{x:.1f}", "y": f"{y:.1f}", "text-anchor": anchor, "font-weight": weight, "font-size": "11"},
+        text,
+    )
 
 
 def _grouped(points: list[Point], key) -> dict:
@@ -87,13 +90,15 @@ def ratio_chart(points: list[Point]) -> Chart | None:
     ratios = [p for p in points if p.measure.name.endswith(RATIO_SUFFIX)]
     if not ratios:
         return None
-    finite = [v for p in ratios for v in (p.measure.value, p.measure.bound)
-              if v is not None and math.isfinite(v)]
+    finite = [v for p in ratios for v in (p.measure.value, p.measure.bound) if v is not None and math.isfinite(v)]
     top = max(finite + [1.0]) * 1.1
     left = _label_width([p.node for p in ratios] + ["0"])
-    chart = Chart("ratios", "Ratios per node",
-                  "Bars: measured ratio per node (green within its bound, red past it, blue "
-                  "when no bound is recorded). Black tick: the bound. Properties named *_ratio.")
+    chart = Chart(
+        "ratios",
+        "Ratios per node",
+        "Bars: measured ratio per node (green within its bound, red past it, blue "
+        "when no bound is recorded). Black tick: the bound. Properties named *_ratio.",
+    )
 
     def x_of(value: float) -> float:
         return left + PLOT_WIDTH * min(max(value, 0.0), top) / top
@@ -106,18 +111,40 @@ def ratio_chart(points: list[Point]) -> Chart | None:
             measure = point.measure
             value = measure.value if math.isfinite(measure.value) else top
             chart.shapes.append(_text(left - 6, y + 11, point.node, anchor="end"))
-            chart.shapes.append(Shape("rect", {
-                "x": f"{left:.1f}", "y": f"{y + 2:.1f}",
-                "width": f"{max(x_of(value) - left, 1.0):.1f}", "height": f"{ROW - 4}",
-                "fill": _colour(measure), "class": "bar", "data-node": point.node,
-                "data-check": check, "data-measure": name, "data-value": repr(measure.value),
-            }, title=_describe(point)))
+            chart.shapes.append(
+                Shape(
+                    "rect",
+                    {
+                        "x": f"{left:.1f}",
+                        "y": f"{y + 2:.1f}",
+                        "width": f"{max(x_of(value) - left, 1.0):.1f}",
+                        "height": f"{ROW - 4}",
+                        "fill": _colour(measure),
+                        "class": "bar",
+                        "data-node": point.node,
+                        "data-check": check,
+                        "data-measure": name,
+                        "data-value": repr(measure.value),
+                    },
+                    title=_describe(point),
+                )
+            )
             if measure.bound is not None and math.isfinite(measure.bound):
                 bx = x_of(measure.bound)
-                chart.shapes.append(Shape("line", {"x1": f"{bx:.1f}", "x2": f"{bx:.1f}",
-                                                   "y1": f"{y:.1f}", "y2": f"{y + ROW:.1f}",
-                                                   "stroke": "#000", "stroke-width": "2"},
-                                          title=f"bound {number(measure.bound)}"))
+                chart.shapes.append(
+                    Shape(
+                        "line",
+                        {
+                            "x1": f"{bx:.1f}",
+                            "x2": f"{bx:.1f}",
+                            "y1": f"{y:.1f}",
+                            "y2": f"{y + ROW:.1f}",
+                            "stroke": "#000",
+                            "stroke-width": "2",
+                        },
+                        title=f"bound {number(measure.bound)}",
+                    )
+                )
             chart.shapes.append(_text(left + PLOT_WIDTH + 6, y + 11, measure.describe()))
             y += ROW
         y += 4
@@ -130,8 +157,18 @@ def ratio_chart(points: list[Point]) -> Chart | None:
 
 
 def _axis_line(chart: Chart, left: float, y: float) -> None:
-    chart.shapes.append(Shape("line", {"x1": f"{left:.1f}", "x2": f"{left + PLOT_WIDTH:.1f}",
-                                       "y1": f"{y:.1f}", "y2": f"{y:.1f}", "stroke": "#888"}))
+    chart.shapes.append(
+        Shape(
+            "line",
+            {
+                "x1": f"{left:.1f}",
+                "x2": f"{left + PLOT_WIDTH:.1f}",
+                "y1": f"{y:.1f}",
+                "y2": f"{y:.1f}",
+                "stroke": "#888",
+            },
+        )
+    )
 
 
 def bound_charts(points: list[Point]) -> list[Chart]:
@@ -144,15 +181,19 @@ def bound_charts(points: list[Point]) -> list[Chart]:
 
 
 def _bound_chart(dtype: str, points: list[Point]) -> Chart:
-    positive = [v for p in points for v in (p.measure.value, p.measure.bound)
-                if v is not None and math.isfinite(v) and v > 0]
+    positive = [
+        v for p in points for v in (p.measure.value, p.measure.bound) if v is not None and math.isfinite(v) and v > 0
+    ]
     low = math.floor(math.log10(min(positive))) - 1 if positive else -9
     high = math.ceil(math.log10(max(positive))) + 1 if positive else 1
     left = _label_width([f"{p.check} · {p.measure.name}" for p in points])
-    chart = Chart(f"bounds-{dtype}", f"Measured against bound: {dtype}",
-                  "Log scale. Dots: one per node (green within the bound, red past it; hollow "
-                  "on the left edge: exactly 0; on the right edge: NaN or inf). Black tick: the "
-                  "bound. Pairs X / X_bound (upper) and X / X_min (lower).")
+    chart = Chart(
+        f"bounds-{dtype}",
+        f"Measured against bound: {dtype}",
+        "Log scale. Dots: one per node (green within the bound, red past it; hollow "
+        "on the left edge: exactly 0; on the right edge: NaN or inf). Black tick: the "
+        "bound. Pairs X / X_bound (upper) and X / X_min (lower).",
+    )
 
     def x_of(value: float) -> float:
         if math.isnan(value) or value == math.inf:
@@ -164,31 +205,55 @@ def _bound_chart(dtype: str, points: list[Point]) -> Chart:
 
     y = 4.0
     for decade in range(low, high + 1):
-        x = x_of(10.0 ** decade)
-        chart.shapes.append(Shape("line", {"x1": f"{x:.1f}", "x2": f"{x:.1f}", "y1": "0",
-                                           "y2": "100%", "stroke": "#eee"}))
+        x = x_of(10.0**decade)
+        chart.shapes.append(
+            Shape("line", {"x1": f"{x:.1f}", "x2": f"{x:.1f}", "y1": "0", "y2": "100%", "stroke": "#eee"})
+        )
     for (check, name), group in _grouped(points, lambda p: (p.check, p.measure.name)).items():
         chart.shapes.append(_text(left - 6, y + 11, f"{check} · {name}", anchor="end"))
         for bound in sorted({p.measure.bound for p in group}):
             bx = x_of(bound)
-            chart.shapes.append(Shape("line", {"x1": f"{bx:.1f}", "x2": f"{bx:.1f}", "y1": f"{y:.1f}",
-                                               "y2": f"{y + ROW:.1f}", "stroke": "#000", "stroke-width": "2"},
-                                      title=f"bound {number(bound)}"))
+            chart.shapes.append(
+                Shape(
+                    "line",
+                    {
+                        "x1": f"{bx:.1f}",
+                        "x2": f"{bx:.1f}",
+                        "y1": f"{y:.1f}",
+                        "y2": f"{y + ROW:.1f}",
+                        "stroke": "#000",
+                        "stroke-width": "2",
+                    },
+                    title=f"bound {number(bound)}",
+                )
+            )
         for point in group:
             measure = point.measure
             zero = measure.value == 0
-            chart.shapes.append(Shape("circle", {
-                "cx": f"{x_of(measure.value):.1f}", "cy": f"{y + ROW / 2:.1f}", "r": "4",
-                "fill": "none" if zero else _colour(measure), "stroke": _colour(measure),
-                "class": "dot", "data-node": point.node, "data-check": check,
-                "data-measure": name, "data-value": repr(measure.value),
-            }, title=_describe(point)))
+            chart.shapes.append(
+                Shape(
+                    "circle",
+                    {
+                        "cx": f"{x_of(measure.value):.1f}",
+                        "cy": f"{y + ROW / 2:.1f}",
+                        "r": "4",
+                        "fill": "none" if zero else _colour(measure),
+                        "stroke": _colour(measure),
+                        "class": "dot",
+                        "data-node": point.node,
+                        "data-check": check,
+                        "data-measure": name,
+                        "data-value": repr(measure.value),
+                    },
+                    title=_describe(point),
+                )
+            )
         worst = max(group, key=lambda p: p.measure.use_of_bound or 0.0).measure
         chart.shapes.append(_text(left + PLOT_WIDTH + 6, y + 11, worst.describe()))
         y += ROW + 2
     _axis_line(chart, left, y)
     for decade in range(low, high + 1, max(1, (high - low) // 6)):
-        chart.shapes.append(_text(x_of(10.0 ** decade), y + 13, f"1e{decade}", anchor="middle"))
+        chart.shapes.append(_text(x_of(10.0**decade), y + 13, f"1e{decade}", anchor="middle"))
     chart.height = int(y + 18)
     chart.width = int(left + PLOT_WIDTH + _label_width([p.measure.describe() for p in points]))
     return chart

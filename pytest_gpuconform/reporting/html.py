@@ -58,8 +58,9 @@ class Node:
         return f"{len(ranks)}: r{ranks[0]}" + (f"–r{ranks[-1]}" if len(ranks) > 1 else "")
 
     def gpus(self) -> str:
-        names = [value for key, value in sorted(self.inventory.items(), key=_natural)
-                 if re.fullmatch(r"gpu\d+_name", key)]
+        names = [
+            value for key, value in sorted(self.inventory.items(), key=_natural) if re.fullmatch(r"gpu\d+_name", key)
+        ]
         if not names:
             return "none" if self.inventory.get("gpu_count", "0") == "0" else "unknown"
         groups: dict[str, int] = {}
@@ -106,8 +107,10 @@ class ReportModel:
         for (_, label), cell in self.cells.items():
             if cell.outcome == "skipped":
                 reasons.setdefault(cell.reason or "(no reason given)", []).append(label)
-        return sorted(((r, len(labels), sorted(set(labels), key=_natural_key))
-                       for r, labels in reasons.items()), key=lambda item: -item[1])
+        return sorted(
+            ((r, len(labels), sorted(set(labels), key=_natural_key)) for r, labels in reasons.items()),
+            key=lambda item: -item[1],
+        )
 
     def points(self) -> list[Point]:
         """Every key measurement, in check order then node order (the charts' order)."""
@@ -148,7 +151,7 @@ def _display(classname: str, name: str) -> str:
         classname = classname.removeprefix(prefix)
     parts = classname.split(".")
     module_at = max((i for i, part in enumerate(parts) if part.startswith("test_")), default=len(parts) - 1)
-    classes = parts[module_at + 1:]
+    classes = parts[module_at + 1 :]
     return "::".join(classes + [name])
 
 
@@ -205,8 +208,9 @@ def build_model(paths: list[str]) -> ReportModel:
             key = (classname, case.get("name", ""))
             cell, properties = _cell(case)
             if key not in checks:
-                checks[key] = Check(key, _area(classname, properties), _display(classname, key[1]),
-                                    properties.get("dtype", "no dtype"))
+                checks[key] = Check(
+                    key, _area(classname, properties), _display(classname, key[1]), properties.get("dtype", "no dtype")
+                )
             ranked.setdefault((key, host), []).append((rank, cell))
     cells = {where: _fold(cells_of_ranks) for where, cells_of_ranks in ranked.items()}
     for (_, host), cell in cells.items():
@@ -252,9 +256,11 @@ def run(paths: list[str], output: str, title: str) -> str:
     model = build_model(paths)
     junit.write_atomically(render(model, title), output)
     totals = model.totals()
-    return (f"report of {len(model.nodes)} node(s) x {len(model.checks)} check(s): "
-            f"{totals['passed']} passed, {totals['failed']} failed, {totals['error']} errors, "
-            f"{totals['skipped']} skipped -> {output}")
+    return (
+        f"report of {len(model.nodes)} node(s) x {len(model.checks)} check(s): "
+        f"{totals['passed']} passed, {totals['failed']} failed, {totals['error']} errors, "
+        f"{totals['skipped']} skipped -> {output}"
+    )
 
 
 def add_command(commands) -> None:

@@ -107,7 +107,7 @@ def as_float(value: object) -> float | None:
 def _bound_target(name: str) -> tuple[str, str, bool] | None:
     """(base name, kind, whether the base must match exactly) if ``name`` reads as a bound."""
     if name.startswith(BOUND_PREFIX):
-        return name[len(BOUND_PREFIX):], "upper", False
+        return name[len(BOUND_PREFIX) :], "upper", False
     for suffix in UPPER_BOUND_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)], "upper", suffix not in LOOSE_SUFFIXES
@@ -119,7 +119,7 @@ def _bound_target(name: str) -> tuple[str, str, bool] | None:
 
 def _contains_words(name: str, base: str) -> bool:
     words, wanted = name.split("_"), base.split("_")
-    return any(words[i:i + len(wanted)] == wanted for i in range(len(words) - len(wanted) + 1))
+    return any(words[i : i + len(wanted)] == wanted for i in range(len(words) - len(wanted) + 1))
 
 
 def measures(properties: Iterable[tuple[str, object]]) -> list[Measure]:

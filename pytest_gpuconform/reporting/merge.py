@@ -69,8 +69,9 @@ def _parse(path: str) -> ElementTree.Element:
     except OSError as exc:
         raise BadReport(f"{path}: cannot read ({exc.strerror or exc})") from None
     if size == 0:
-        raise BadReport(f"{path}: is empty (0 bytes); the run that should have written it "
-                        f"probably crashed or was killed")
+        raise BadReport(
+            f"{path}: is empty (0 bytes); the run that should have written it probably crashed or was killed"
+        )
     try:
         root = ElementTree.parse(path).getroot()
     except ElementTree.ParseError as exc:
@@ -78,8 +79,9 @@ def _parse(path: str) -> ElementTree.Element:
     except (OSError, UnicodeError) as exc:
         raise BadReport(f"{path}: cannot read ({exc})") from None
     if root.tag not in ("testsuites", "testsuite"):
-        raise BadReport(f"{path}: not a JUnit report (root element is <{root.tag}>, "
-                        f"expected <testsuites> or <testsuite>)")
+        raise BadReport(
+            f"{path}: not a JUnit report (root element is <{root.tag}>, expected <testsuites> or <testsuite>)"
+        )
     return root
 
 
@@ -212,8 +214,10 @@ def run(paths: list[str], output: str) -> str:
     suites = root.findall("testsuite")
     nodes = sorted({s.get("name", "") for s in suites})
     skipped = sum(int(s.get("skipped", "0")) for s in suites)
-    return (f"merged {len(paths)} file(s), {len(nodes)} node(s), {root.get('tests')} tests "
-            f"({root.get('failures')} failed or errored, {skipped} skipped) into {output}")
+    return (
+        f"merged {len(paths)} file(s), {len(nodes)} node(s), {root.get('tests')} tests "
+        f"({root.get('failures')} failed or errored, {skipped} skipped) into {output}"
+    )
 
 
 def add_command(commands) -> None:

@@ -73,11 +73,15 @@ def _per_layer(**kwargs):
         for layer in model:
             x = ckpt.checkpoint(layer, x, **kwargs)
         return x
+
     return run
 
 
-SELECTIVE = functools.partial(ckpt.create_selective_checkpoint_contexts, [torch.ops.aten.addmm.default]) \
-    if hasattr(ckpt, "create_selective_checkpoint_contexts") else None
+SELECTIVE = (
+    functools.partial(ckpt.create_selective_checkpoint_contexts, [torch.ops.aten.addmm.default])
+    if hasattr(ckpt, "create_selective_checkpoint_contexts")
+    else None
+)
 
 # variant -> (run, activations kept after forward, in units), for 6 layers
 CASES = {
@@ -108,9 +112,11 @@ def test_activation_bytes_match_analytic_size(meter, variant):
         out.sum().backward()
         del out
     assert after_forward == units * UNIT, (
-        f"{variant}: {after_forward} B alive after forward, analytic {units} x {UNIT} B = {units * UNIT} B")
+        f"{variant}: {after_forward} B alive after forward, analytic {units} x {UNIT} B = {units * UNIT} B"
+    )
     assert m.live_bytes == UNIT, (
-        f"{variant}: {m.live_bytes} B alive after backward, expected only x.grad ({UNIT} B; param grads preallocated)")
+        f"{variant}: {m.live_bytes} B alive after backward, expected only x.grad ({UNIT} B; param grads preallocated)"
+    )
     assert m.peak_bytes >= after_forward
 
 
@@ -121,8 +127,9 @@ def test_selective_checkpointing_is_seen_where_saved_tensor_hooks_are_blind(mete
         pytest.skip(f"torch {torch.__version__} has no selective activation checkpointing")
     model, x = _layers(), torch.randn(BATCH, WIDTH, requires_grad=True)
     hooked = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: hooked.append(t.untyped_storage().nbytes()) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: hooked.append(t.untyped_storage().nbytes()) or t, lambda t: t
+    ):
         with meter.track() as m:
             out = CASES["selective_addmm"][0](model, x)
     assert m.live_bytes == 12 * UNIT

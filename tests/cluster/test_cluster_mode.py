@@ -48,13 +48,38 @@ def test_two_torchrun_agents_produce_one_merged_report(tmp_path):
     for node in (0, 1):
         env = dict(os.environ, GPUCONFORM_HOST=f"node{node}")
         logs.append(open(tmp_path / f"agent{node}.log", "w+"))
-        agents.append(subprocess.Popen(
-            [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "gpuconform-test",
-             "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider", "test_world.py",
-             "--junitxml", "reports/junit-{host}-r{rank}.xml"],
-            cwd=tmp_path, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, text=True,
-        ))
+        agents.append(
+            subprocess.Popen(
+                [
+                    TORCHRUN,
+                    "--nnodes",
+                    "2",
+                    "--nproc-per-node",
+                    "1",
+                    "--node-rank",
+                    str(node),
+                    "--rdzv-backend",
+                    "c10d",
+                    "--rdzv-endpoint",
+                    f"127.0.0.1:{port}",
+                    "--rdzv-id",
+                    "gpuconform-test",
+                    "-m",
+                    "pytest",
+                    "--gpuconform",
+                    "-p",
+                    "no:cacheprovider",
+                    "test_world.py",
+                    "--junitxml",
+                    "reports/junit-{host}-r{rank}.xml",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=logs[-1],
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for agent in agents:  # output goes to files: two agents writing to pipes read in turn could block
         agent.wait(timeout=240)
     outputs = [(log.seek(0), log.read())[1] for log in logs]
@@ -73,12 +98,20 @@ def test_two_torchrun_agents_produce_one_merged_report(tmp_path):
     passed = cases["test_world_all_reduce[ws2-cpu]"]
     props = {p.get("name"): p.get("value") for p in passed.find("properties")}
     assert props["sum"] == "3.0" and sorted(props["ranks"].split()) in (
-        ["node0/r0:passed", "node1/r1:passed"], ["node0/r1:passed", "node1/r0:passed"])
-    assert cases["test_bigger_than_world[ws4-cpu]"].find("skipped").get("message").startswith(
-        "needs world size 4; torchrun launched 2 ranks")
+        ["node0/r0:passed", "node1/r1:passed"],
+        ["node0/r1:passed", "node1/r0:passed"],
+    )
+    assert (
+        cases["test_bigger_than_world[ws4-cpu]"]
+        .find("skipped")
+        .get("message")
+        .startswith("needs world size 4; torchrun launched 2 ranks")
+    )
     failure = cases["test_fails_on_one_rank[ws2-cpu]"].find("failure")
     host_of_rank1 = next(h.split("/")[0] for h in ranks_prop.split() if h.endswith("/r1"))
-    assert failure.get("message").startswith(f"failure on host {host_of_rank1} rank 1: AssertionError: rank 1 disagrees")
+    assert failure.get("message").startswith(
+        f"failure on host {host_of_rank1} rank 1: AssertionError: rank 1 disagrees"
+    )
 
 
 def test_cluster_mode_with_xdist_is_a_usage_error(pytester, monkeypatch):
@@ -90,14 +123,25 @@ def test_cluster_mode_with_xdist_is_a_usage_error(pytester, monkeypatch):
     result.stderr.fnmatch_lines(["*-n 2 cannot be combined with cluster mode (torchrun started 2 ranks)*"])
 
 
-@pytest.mark.parametrize("environ, expected", [
-    ({"TORCHELASTIC_RUN_ID": "j", "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, ("torchrun", 3, 8)),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_LOCALID": "5", "SLURM_STEP_ID": "0"},
-     ("srun", 5, 16)),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_NNODES": "2"}, None),  # the batch script, not a step
-    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}, None),  # one task per node: per-node sweep
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({"TORCHELASTIC_RUN_ID": "j", "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, ("torchrun", 3, 8)),
+        (
+            {
+                "SLURM_PROCID": "5",
+                "SLURM_NTASKS": "16",
+                "SLURM_NNODES": "2",
+                "SLURM_LOCALID": "5",
+                "SLURM_STEP_ID": "0",
+            },
+            ("srun", 5, 16),
+        ),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_NNODES": "2"}, None),  # the batch script, not a step
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}, None),  # one task per node: per-node sweep
+        ({}, None),
+    ],
+)
 def test_cluster_detection(environ, expected):
     from pytest_gpuconform.cluster.world import detect
 
@@ -107,8 +151,10 @@ def test_cluster_detection(environ, expected):
 
 def _rank_xml(name: str, result: str, multi_rank: bool = True) -> str:
     props = '<properties><property name="world_size" value="2" /></properties>' if multi_rank else ""
-    return (f'<testsuites><testsuite name="pytest" tests="1"><testcase classname="t" name="{name}" time="0.1">'
-            f'{props}{result}</testcase></testsuite></testsuites>')
+    return (
+        f'<testsuites><testsuite name="pytest" tests="1"><testcase classname="t" name="{name}" time="0.1">'
+        f"{props}{result}</testcase></testsuite></testsuites>"
+    )
 
 
 def test_merge_fails_a_multi_rank_test_whose_ranks_disagree_about_skipping():
@@ -165,9 +211,29 @@ def test_cluster_hang_and_early_failure_stay_in_their_own_test(tmp_path):
     port = _free_port()
     log = open(tmp_path / "torchrun.log", "w+")
     run = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider",
-         "test_hangs.py", "-k", "cpu", "--gpuconform-timeout", "5", "--junitxml", "reports/junit-{host}-r{rank}.xml"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=240,
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "pytest",
+            "--gpuconform",
+            "-p",
+            "no:cacheprovider",
+            "test_hangs.py",
+            "-k",
+            "cpu",
+            "--gpuconform-timeout",
+            "5",
+            "--junitxml",
+            "reports/junit-{host}-r{rank}.xml",
+        ],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=240,
         env=dict(os.environ, MASTER_PORT=str(port)),
     )
     log.seek(0)

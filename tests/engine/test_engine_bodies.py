@@ -32,9 +32,11 @@ def test_bodies(run_gpuconform, pytester):
     pytester.makepyfile(test_bodies=BODIES)
     result = run_gpuconform("-k", "cpu", "--durations=0", "-p", "no:asyncio")
     result.assert_outcomes(passed=1, failed=2)
-    result.stdout.fnmatch_lines_random([
-        "*test_coroutine*is a coroutine or generator function; multi-rank test bodies must be plain functions*",
-        "ranks disagree about skipping: rank 0: skipped*",
-    ])
+    result.stdout.fnmatch_lines_random(
+        [
+            "*test_coroutine*is a coroutine or generator function; multi-rank test bodies must be plain functions*",
+            "ranks disagree about skipping: rank 0: skipped*",
+        ]
+    )
     durations = [line for line in result.stdout.lines if "call" in line and "test_skip_while_peer_waits" in line]
     assert durations and float(durations[0].split("s")[0]) < 15, durations

@@ -115,9 +115,23 @@ def fault_run(tmp_path_factory):
 
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider", "test_faults.py", "-k", "cpu",
-         "--junitxml=faults.xml", "-rA"],
-        cwd=pytester_dir, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--gpuconform",
+            "-p",
+            "no:cacheprovider",
+            "test_faults.py",
+            "-k",
+            "cpu",
+            "--junitxml=faults.xml",
+            "-rA",
+        ],
+        cwd=pytester_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     elapsed = time.perf_counter() - started
     cases = {c.get("name"): c for c in ET.parse(pytester_dir / "faults.xml").getroot().iter("testcase")}
@@ -199,13 +213,15 @@ def test_gpu_world_size_beyond_node_is_skipped_with_reason(run_gpuconform, pytes
     from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1)]})
-    pytester.makepyfile(test_big="""
+    pytester.makepyfile(
+        test_big="""
         import pytest
 
         @pytest.mark.world_size(3)
         def test_three(rank):
             pass
-    """)
+    """
+    )
     result = run_gpuconform("-rs", "-k", "cuda")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*needs 3 GPU(s), node has 2 visible GPU(s)*"])

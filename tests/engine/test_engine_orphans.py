@@ -24,9 +24,12 @@ def test_ranks_die_with_a_killed_controller(tmp_path):
         "    open(f'pid{rank}', 'w').write(str(os.getpid()))\n"
         "    time.sleep(600)\n"
     )
-    controller = subprocess.Popen([sys.executable, "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider",
-                                   "test_sleep.py", "-k", "cpu"], cwd=tmp_path,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    controller = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider", "test_sleep.py", "-k", "cpu"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while len(list(tmp_path.glob("pid*"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)

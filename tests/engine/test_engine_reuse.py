@@ -58,8 +58,10 @@ def test_ranks_are_reused_and_reset_then_replaced_after_failure(run_gpuconform, 
     pytester.makepyfile(test_reuse=REUSE)
     result = run_gpuconform("-k", "cpu", "--junitxml=out.xml")
     result.assert_outcomes(passed=3, failed=1)
-    first, second, third, fourth = (_pids(pytester, f"test_{n}") for n in
-                                    ("1_leaves_state_behind", "2_sees_clean_state", "3_fails", "4_after_failure"))
+    first, second, third, fourth = (
+        _pids(pytester, f"test_{n}")
+        for n in ("1_leaves_state_behind", "2_sees_clean_state", "3_fails", "4_after_failure")
+    )
     assert first == second == third, "ranks were not reused"
     assert set(fourth.split(",")).isdisjoint(third.split(",")), "failed ranks were reused"
 
@@ -73,8 +75,11 @@ def test_fresh_ranks_option_starts_new_processes_per_test(run_gpuconform, pytest
 
 
 def test_fresh_marker_keyword(run_gpuconform, pytester):
-    pytester.makepyfile(test_reuse=REUSE.replace("@pytest.mark.world_size(2)\ndef test_1",
-                                                  "@pytest.mark.world_size(2, fresh=True)\ndef test_1"))
+    pytester.makepyfile(
+        test_reuse=REUSE.replace(
+            "@pytest.mark.world_size(2)\ndef test_1", "@pytest.mark.world_size(2, fresh=True)\ndef test_1"
+        )
+    )
     result = run_gpuconform("-k", "cpu and (test_1 or test_2)", "--junitxml=out.xml")
     result.assert_outcomes(passed=2)
     first, second = _pids(pytester, "test_1_leaves_state_behind"), _pids(pytester, "test_2_sees_clean_state")
@@ -83,23 +88,27 @@ def test_fresh_marker_keyword(run_gpuconform, pytester):
 
 def test_suite_properties_survive_xdist(pytester):
     pytester.makepyfile(test_x="def test_x():\n    pass\n\ndef test_y():\n    pass\n")
-    result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", ".", "-n", "2",
-                                           "--junitxml=out.xml")
+    result = pytester.runpytest_subprocess(
+        "--gpuconform", "-p", "no:cacheprovider", ".", "-n", "2", "--junitxml=out.xml"
+    )
     result.assert_outcomes(passed=2)
     names = {p.get("name") for p in ET.parse(pytester.path / "out.xml").getroot().iter("property")}
     assert {"gpuconform.host", "gpuconform.torch", "gpuconform.gpu_count"} <= names
 
 
 def test_one_line_junit_message_also_under_xdist(pytester):
-    pytester.makepyfile(test_f="""
+    pytester.makepyfile(
+        test_f="""
         import pytest
 
         @pytest.mark.world_size(2)
         def test_fails(rank):
             assert rank == 0, f"rank {rank} disagrees"
-    """)
-    result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", ".", "-n", "2", "-k", "cpu",
-                                           "--junitxml=out.xml")
+    """
+    )
+    result = pytester.runpytest_subprocess(
+        "--gpuconform", "-p", "no:cacheprovider", ".", "-n", "2", "-k", "cpu", "--junitxml=out.xml"
+    )
     result.assert_outcomes(failed=1, skipped=0)
     failure = next(ET.parse(pytester.path / "out.xml").getroot().iter("failure"))
     assert failure.get("message").startswith("rank 1 failed: AssertionError: rank 1 disagrees")

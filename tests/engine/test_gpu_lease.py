@@ -60,20 +60,23 @@ def test_other_gpus_stay_free(holder):
         pass
 
 
-def test_multi_rank_cuda_test_under_xdist_leases_gpus_instead_of_skipping(run_gpuconform, pytester, fake_nvml,
-                                                                         tmp_path, monkeypatch):
+def test_multi_rank_cuda_test_under_xdist_leases_gpus_instead_of_skipping(
+    run_gpuconform, pytester, fake_nvml, tmp_path, monkeypatch
+):
     from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1)]})
     locks = tmp_path / "locks"
     monkeypatch.setenv("GPUCONFORM_LOCK_DIR", str(locks))
-    pytester.makepyfile(test_two="""
+    pytester.makepyfile(
+        test_two="""
         import pytest
 
         @pytest.mark.world_size(2)
         def test_two(rank):
             pass
-    """)
+    """
+    )
     result = run_gpuconform("-n", "2", "-k", "cuda", "-rs")
     # The CPU build of torch cannot start CUDA ranks: the point is that the test was
     # scheduled onto two leased GPUs instead of being skipped for the worker's one GPU.

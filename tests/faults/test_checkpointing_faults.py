@@ -38,7 +38,8 @@ def _fault(monkeypatch):
 FAULTS = {
     # The region scales its input by a global that changes between forward (1.0, exact) and
     # recompute (1 + 2**-6): same ops and shapes, so the metadata check cannot see it.
-    "test_fault_recompute_differs": PATCH_CHECKPOINT + """
+    "test_fault_recompute_differs": PATCH_CHECKPOINT
+    + """
 def faulty(real, fn, *args, **kwargs):
     calls = [0]
     def region(*inputs, **kw):
@@ -46,16 +47,20 @@ def faulty(real, fn, *args, **kwargs):
         factor = 1.0 if calls[0] == 1 else 1 + 2 ** -6
         return fn(*(t * factor if torch.is_tensor(t) else t for t in inputs), **kw)
     return real(region, *args, **kwargs)
-""" + RE_EXPORT.format(name="test_checkpoint_matches_plain"),
+"""
+    + RE_EXPORT.format(name="test_checkpoint_matches_plain"),
     # The recompute draws fresh random numbers (preserve_rng_state forced off).
-    "test_fault_no_rng_replay": PATCH_CHECKPOINT + """
+    "test_fault_no_rng_replay": PATCH_CHECKPOINT
+    + """
 def faulty(real, fn, *args, **kwargs):
     kwargs["preserve_rng_state"] = False
     return real(fn, *args, **kwargs)
-""" + RE_EXPORT.format(name="test_checkpoint_dropout_matches_plain")
+"""
+    + RE_EXPORT.format(name="test_checkpoint_dropout_matches_plain")
     + RE_EXPORT.format(name="test_checkpoint_dropout_mask_self_consistent"),
     # The recompute runs outside forward's autocast state.
-    "test_fault_recompute_without_autocast": PATCH_CHECKPOINT + """
+    "test_fault_recompute_without_autocast": PATCH_CHECKPOINT
+    + """
 def faulty(real, fn, *args, **kwargs):
     calls = [0]
     def region(*inputs, **kw):
@@ -65,13 +70,16 @@ def faulty(real, fn, *args, **kwargs):
         with torch.autocast("cpu", enabled=False):
             return fn(*inputs, **kw)
     return real(region, *args, **kwargs)
-""" + RE_EXPORT.format(name="test_checkpoint_under_autocast_matches_plain"),
+"""
+    + RE_EXPORT.format(name="test_checkpoint_under_autocast_matches_plain"),
     # A checkpoint that just runs the function: correct numbers, no memory saved.
-    "test_fault_saves_everything": PATCH_CHECKPOINT + """
+    "test_fault_saves_everything": PATCH_CHECKPOINT
+    + """
 CHECKPOINT_ONLY = {"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug", "early_stop"}
 def faulty(real, fn, *args, **kwargs):
     return fn(*args, **{k: v for k, v in kwargs.items() if k not in CHECKPOINT_ONLY})
-""" + RE_EXPORT.format(name="test_checkpoint_activation_memory"),
+"""
+    + RE_EXPORT.format(name="test_checkpoint_activation_memory"),
     # Autograd keeps an extra copy of what GELU saves (a leaking saved-tensor hook, e.g. a
     # broken offload hook): the plain model no longer keeps its analytic size.
     "test_fault_extra_saved_copies": """
@@ -86,7 +94,8 @@ def _fault(monkeypatch):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: (t, t.clone()), lambda packed: packed[0]):
             return real(self, x)
     monkeypatch.setattr(nn.GELU, "forward", keeping_copies)
-""" + RE_EXPORT.format(name="test_checkpoint_activation_memory"),
+"""
+    + RE_EXPORT.format(name="test_checkpoint_activation_memory"),
     # Dropout whose backward scales by 1/(1-p) * (1 + 2**-10): right mask, wrong values.
     "test_fault_dropout_backward_scale": """
 import pytest
@@ -110,7 +119,8 @@ def _fault(monkeypatch):
     real = torch.nn.functional.dropout
     monkeypatch.setattr(torch.nn.functional, "dropout",
                         lambda x, p=0.5, training=True, inplace=False: OffScaleDropout.apply(x, p, real))
-""" + RE_EXPORT.format(name="test_checkpoint_dropout_mask_self_consistent"),
+"""
+    + RE_EXPORT.format(name="test_checkpoint_dropout_mask_self_consistent"),
     # checkpoint_sequential that checkpoints every chunk, the last one too.
     "test_fault_last_chunk_checkpointed": """
 import pytest
@@ -128,21 +138,27 @@ def every_chunk(functions, segments, input, use_reentrant=None, **kwargs):
 @pytest.fixture(autouse=True)
 def _fault(monkeypatch):
     monkeypatch.setattr(ckpt, "checkpoint_sequential", every_chunk)
-""" + RE_EXPORT.format(name="test_checkpoint_sequential_recomputes_all_but_last_chunk"),
+"""
+    + RE_EXPORT.format(name="test_checkpoint_sequential_recomputes_all_but_last_chunk"),
     # determinism_check forced to "none": a shape-changing recompute is no longer diagnosed.
-    "test_fault_no_determinism_check": PATCH_CHECKPOINT + """
+    "test_fault_no_determinism_check": PATCH_CHECKPOINT
+    + """
 def faulty(real, fn, *args, **kwargs):
     kwargs["determinism_check"] = "none"
     return real(fn, *args, **kwargs)
-""" + RE_EXPORT.format(name="test_checkpoint_recompute_shape_change_raises"),
+"""
+    + RE_EXPORT.format(name="test_checkpoint_recompute_shape_change_raises"),
 }
 
 TORCH_DTYPE = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
 NUMERIC_VARIANTS = ("non_reentrant", "reentrant", "sequential_non_reentrant", "sequential_reentrant", "selective")
 DROPOUT_VARIANTS = ("non_reentrant", "reentrant", "sequential_non_reentrant", "selective")
 MEMORY_VARIANTS = {  # variant -> analytic bound + slack, as printed by the check
-    "non_reentrant": "0.2600", "reentrant": "0.2600", "sequential_2": "0.5413",
-    "sequential_4": "0.3538", "selective": "0.7600",
+    "non_reentrant": "0.2600",
+    "reentrant": "0.2600",
+    "sequential_2": "0.5413",
+    "sequential_4": "0.3538",
+    "selective": "0.7600",
 }
 
 
@@ -160,14 +176,25 @@ def cases(tmp_path_factory):
 @pytest.mark.parametrize("variant", NUMERIC_VARIANTS)
 def test_recompute_that_differs_is_caught(cases, variant, dtype):
     key = f"test_fault_recompute_differs::test_checkpoint_matches_plain[cpu-{dtype}-{variant}]"
-    assert_caught(cases, key, f"{variant} checkpoint vs plain ({TORCH_DTYPE[dtype]}, cpu)", "grad of", "max |diff|",
-                  "(bound: exact)")
+    assert_caught(
+        cases,
+        key,
+        f"{variant} checkpoint vs plain ({TORCH_DTYPE[dtype]}, cpu)",
+        "grad of",
+        "max |diff|",
+        "(bound: exact)",
+    )
 
 
 @pytest.mark.parametrize("variant", DROPOUT_VARIANTS)
 def test_recompute_without_rng_replay_is_caught(cases, variant):
-    assert_caught(cases, f"test_fault_no_rng_replay::test_checkpoint_dropout_matches_plain[cpu-{variant}]",
-                  f"{variant} checkpoint with dropout p=0.5 vs plain", "max |diff|", "(bound: exact)")
+    assert_caught(
+        cases,
+        f"test_fault_no_rng_replay::test_checkpoint_dropout_matches_plain[cpu-{variant}]",
+        f"{variant} checkpoint with dropout p=0.5 vs plain",
+        "max |diff|",
+        "(bound: exact)",
+    )
     key = f"test_fault_no_rng_replay::test_checkpoint_dropout_mask_self_consistent[cpu-{variant}]"
     assert_caught(cases, key, "disagrees with forward's mask (bound: 0)")
     wrong = int(re.search(r"(\d+) of 4096 elements have a gradient", cases[key].text).group(1))
@@ -178,22 +205,31 @@ def test_recompute_without_rng_replay_is_caught(cases, variant):
 @pytest.mark.parametrize("variant", NUMERIC_VARIANTS)
 def test_recompute_outside_autocast_is_caught(cases, variant, dtype):
     key = f"test_fault_recompute_without_autocast::test_checkpoint_under_autocast_matches_plain[cpu-{dtype}-{variant}]"
-    assert_caught(cases, key, f"{variant} checkpoint vs plain under autocast(cpu, {TORCH_DTYPE[dtype]})",
-                  "forward+backward raised")
+    assert_caught(
+        cases,
+        key,
+        f"{variant} checkpoint vs plain under autocast(cpu, {TORCH_DTYPE[dtype]})",
+        "forward+backward raised",
+    )
     # Non-reentrant SAC diagnoses the recompute by metadata (saved low dtype vs recomputed
     # float32); the others fail in backward on the dtype mix. Either way both dtypes are named.
     first_line = cases[key].text.splitlines()[0]
     low = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
     named = (f"torch.{low}" in first_line and "torch.float32" in first_line) or (
-        f"{'Half' if dtype == 'fp16' else 'BFloat16'} and Float" in first_line)
+        f"{'Half' if dtype == 'fp16' else 'BFloat16'} and Float" in first_line
+    )
     assert named, f"{key}: message names neither dtype pair: {first_line[:800]}"
 
 
 @pytest.mark.parametrize("variant", sorted(MEMORY_VARIANTS))
 def test_checkpoint_that_saves_everything_is_caught(cases, variant):
     key = f"test_fault_saves_everything::test_checkpoint_activation_memory[cpu-{variant}]"
-    assert_caught(cases, key, "activation ratio checkpointed/plain 1.0000 (262144 B / 262144 B after forward)",
-                  f"> bound {MEMORY_VARIANTS[variant]}")
+    assert_caught(
+        cases,
+        key,
+        "activation ratio checkpointed/plain 1.0000 (262144 B / 262144 B after forward)",
+        f"> bound {MEMORY_VARIANTS[variant]}",
+    )
 
 
 @pytest.mark.parametrize("variant", sorted(MEMORY_VARIANTS))
@@ -205,8 +241,9 @@ def test_extra_saved_copies_are_caught(cases, variant):
 @pytest.mark.parametrize("variant", DROPOUT_VARIANTS)
 def test_wrong_dropout_gradient_scale_is_caught(cases, variant):
     key = f"test_fault_dropout_backward_scale::test_checkpoint_dropout_mask_self_consistent[cpu-{variant}]"
-    assert_caught(cases, key, "kept elements' gradient differs from 2cos(d)/(1-p) by relative 0.000977",
-                  "(bound: rtol 1.3e-06)")
+    assert_caught(
+        cases, key, "kept elements' gradient differs from 2cos(d)/(1-p) by relative 0.000977", "(bound: rtol 1.3e-06)"
+    )
 
 
 @pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])

@@ -25,7 +25,8 @@ def _corrupting(tensor, *args, **kwargs):
         tensor.view(-1)[12345] += 1
     return work
 dist.all_reduce = _corrupting
-""" + RE_EXPORT.format(name="test_all_reduce"),
+"""
+    + RE_EXPORT.format(name="test_all_reduce"),
     # The second identical all_reduce on rank 0 differs from the first (pytorch#138811).
     "test_fault_allreduce_rerun": """
 import collections
@@ -40,7 +41,8 @@ def _flaky(tensor, *args, **kwargs):
             tensor.view(-1)[7] += 2
     return work
 dist.all_reduce = _flaky
-""" + RE_EXPORT.format(name="test_all_reduce"),
+"""
+    + RE_EXPORT.format(name="test_all_reduce"),
     # all_gather delivers the ranks' blocks in the wrong order on rank 0.
     "test_fault_allgather_order": """
 import torch
@@ -53,7 +55,8 @@ def _swapped(output, input, *args, **kwargs):
         output.copy_(torch.cat([output[n:], output[:n]]))
     return work
 dist.all_gather_single = _swapped
-""" + RE_EXPORT.format(name="test_all_gather"),
+"""
+    + RE_EXPORT.format(name="test_all_gather"),
     # reduce_scatter loses the tail element of an odd-sized block on rank 1.
     "test_fault_reducescatter_tail": """
 import torch.distributed as dist
@@ -64,7 +67,8 @@ def _bad_tail(output, input, *args, **kwargs):
         output[-1] += 1
     return work
 dist.reduce_scatter_single = _bad_tail
-""" + RE_EXPORT.format(name="test_reduce_scatter"),
+"""
+    + RE_EXPORT.format(name="test_reduce_scatter"),
     # Rank 1 takes part in a 1 MiB broadcast from root 0 but its buffer is never written.
     "test_fault_broadcast_lost": """
 import torch.distributed as dist
@@ -74,7 +78,8 @@ def _lost(tensor, src=None, *args, **kwargs):
         return _real(tensor.clone(), src, *args, **kwargs)
     return _real(tensor, src, *args, **kwargs)
 dist.broadcast = _lost
-""" + RE_EXPORT.format(name="test_broadcast"),
+"""
+    + RE_EXPORT.format(name="test_broadcast"),
     # A received point-to-point message arrives with one element changed on rank 0.
     "test_fault_sendrecv_damaged": """
 import torch.distributed as dist
@@ -91,7 +96,8 @@ def _damaged(ops):
                 op.tensor[3] += 1
     return [_Done() for _ in ops]
 dist.batch_isend_irecv = _damaged
-""" + RE_EXPORT.format(name="test_send_recv"),
+"""
+    + RE_EXPORT.format(name="test_send_recv"),
     "test_clean_collectives": RE_EXPORT.format(name="test_all_reduce"),
 }
 
@@ -117,34 +123,56 @@ def test_clean_run_passes_and_records_bandwidth(cases):
 
 
 def test_corrupted_element_after_all_reduce_is_counted(cases):
-    assert_caught(cases, "test_fault_allreduce_element::test_all_reduce[ws2-cpu-fp32-sum]",
-                  "rank 1: all_reduce(sum) fp32 x262144 (1048576 B): #wrong=1 of 262144 elements, first at [12345]",
-                  "max |diff|=1 (bound: exact)", "(bound: bitwise equal to rank 0)")
+    assert_caught(
+        cases,
+        "test_fault_allreduce_element::test_all_reduce[ws2-cpu-fp32-sum]",
+        "rank 1: all_reduce(sum) fp32 x262144 (1048576 B): #wrong=1 of 262144 elements, first at [12345]",
+        "max |diff|=1 (bound: exact)",
+        "(bound: bitwise equal to rank 0)",
+    )
 
 
 def test_run_to_run_difference_is_caught(cases):
-    assert_caught(cases, "test_fault_allreduce_rerun::test_all_reduce[ws2-cpu-bf16-max]",
-                  "rank 0: all_reduce(max) bf16 x1031 (2062 B) run 2 vs run 1: #wrong=1 of 1031 elements, first at [7]",
-                  "max |diff|=2", "(bound: run-to-run bitwise identical)")
+    assert_caught(
+        cases,
+        "test_fault_allreduce_rerun::test_all_reduce[ws2-cpu-bf16-max]",
+        "rank 0: all_reduce(max) bf16 x1031 (2062 B) run 2 vs run 1: #wrong=1 of 1031 elements, first at [7]",
+        "max |diff|=2",
+        "(bound: run-to-run bitwise identical)",
+    )
 
 
 def test_all_gather_block_order_is_caught(cases):
-    assert_caught(cases, "test_fault_allgather_order::test_all_gather[ws2-cpu-fp32]",
-                  "rank 0: all_gather fp32 x262144 (1048576 B): #wrong=", "(bound: exact)")
+    assert_caught(
+        cases,
+        "test_fault_allgather_order::test_all_gather[ws2-cpu-fp32]",
+        "rank 0: all_gather fp32 x262144 (1048576 B): #wrong=",
+        "(bound: exact)",
+    )
 
 
 def test_reduce_scatter_tail_is_caught(cases):
-    assert_caught(cases, "test_fault_reducescatter_tail::test_reduce_scatter[ws2-cpu-fp16]",
-                  "rank 1: reduce_scatter(sum) fp16 x1031 (2062 B): #wrong=1 of 1031 elements, first at [1030]",
-                  "max |diff|=1 (bound: exact)")
+    assert_caught(
+        cases,
+        "test_fault_reducescatter_tail::test_reduce_scatter[ws2-cpu-fp16]",
+        "rank 1: reduce_scatter(sum) fp16 x1031 (2062 B): #wrong=1 of 1031 elements, first at [1030]",
+        "max |diff|=1 (bound: exact)",
+    )
 
 
 def test_lost_broadcast_is_caught(cases):
-    assert_caught(cases, "test_fault_broadcast_lost::test_broadcast[ws2-cpu-int32]",
-                  "rank 1: broadcast(root=0) int32 x262144 (1048576 B): #wrong=", "(bound: exact)")
+    assert_caught(
+        cases,
+        "test_fault_broadcast_lost::test_broadcast[ws2-cpu-int32]",
+        "rank 1: broadcast(root=0) int32 x262144 (1048576 B): #wrong=",
+        "(bound: exact)",
+    )
 
 
 def test_damaged_point_to_point_message_is_caught(cases):
-    assert_caught(cases, "test_fault_sendrecv_damaged::test_send_recv[ws2-cpu-bf16]",
-                  "rank 0: send/recv ring (1->0) bf16 x1031 (2062 B): #wrong=1 of 1031 elements, first at [3]",
-                  "max |diff|=1 (bound: exact)")
+    assert_caught(
+        cases,
+        "test_fault_sendrecv_damaged::test_send_recv[ws2-cpu-bf16]",
+        "rank 0: send/recv ring (1->0) bf16 x1031 (2062 B): #wrong=1 of 1031 elements, first at [3]",
+        "max |diff|=1 (bound: exact)",
+    )

@@ -35,33 +35,40 @@ def _done(tensor):
 
 FAULTS = {
     # Each rank keeps its own gradient: no all_reduce at all.
-    "test_fault_ddp_never_averages": HOOK_ON_EVERY_DDP + """
+    "test_fault_ddp_never_averages": HOOK_ON_EVERY_DDP
+    + """
 def HOOK(state, bucket):
     return _done(bucket.buffer())
 WANTS_HOOK = lambda kwargs: True
-""" + RE_EXPORT.format(name="test_ddp_matches_single_process"),
+"""
+    + RE_EXPORT.format(name="test_ddp_matches_single_process"),
     # all_reduce(SUM) without dividing by the world size.
-    "test_fault_ddp_sums": HOOK_ON_EVERY_DDP + """
+    "test_fault_ddp_sums": HOOK_ON_EVERY_DDP
+    + """
 def HOOK(state, bucket):
     buffer = bucket.buffer()
     dist.all_reduce(buffer)
     return _done(buffer)
 WANTS_HOOK = lambda kwargs: True
-""" + RE_EXPORT.format(name="test_ddp_matches_single_process"),
+"""
+    + RE_EXPORT.format(name="test_ddp_matches_single_process"),
     # static_graph averages correctly but scales by 1.001: a configuration that drifts.
-    "test_fault_ddp_config_drift": HOOK_ON_EVERY_DDP + """
+    "test_fault_ddp_config_drift": HOOK_ON_EVERY_DDP
+    + """
 def HOOK(state, bucket):
     buffer = bucket.buffer()
     dist.all_reduce(buffer)
     return _done(buffer.div_(dist.get_world_size()).mul_(1.001))
 WANTS_HOOK = lambda kwargs: kwargs.get("static_graph", False)
-""" + RE_EXPORT.format(name="test_ddp_matches_single_process"),
+"""
+    + RE_EXPORT.format(name="test_ddp_matches_single_process"),
     # no_sync that does not skip communication.
     "test_fault_no_sync_syncs": """
 import contextlib
 from torch.nn.parallel import DistributedDataParallel
 DistributedDataParallel.no_sync = lambda self: contextlib.nullcontext()
-""" + RE_EXPORT.format(name="test_ddp_no_sync_accumulates"),
+"""
+    + RE_EXPORT.format(name="test_ddp_no_sync_accumulates"),
     # no_sync whose local gradients are lost before the synced step.
     "test_fault_no_sync_forgets": """
 import contextlib
@@ -73,7 +80,8 @@ def _forgetful(self):
         yield
         self.module.zero_grad(set_to_none=False)
 DistributedDataParallel.no_sync = _forgetful
-""" + RE_EXPORT.format(name="test_ddp_no_sync_accumulates"),
+"""
+    + RE_EXPORT.format(name="test_ddp_no_sync_accumulates"),
     # "fp16" compression that really rounds to float8 (3 mantissa bits).
     "test_fault_coarse_compression": """
 import torch
@@ -87,15 +95,19 @@ def _float8_hook(state, bucket):
     future.set_result(buffer.copy_(rounded))
     return future
 default_hooks.fp16_compress_hook = _float8_hook
-""" + RE_EXPORT.format(name="test_ddp_compression_hook_within_bound"),
+"""
+    + RE_EXPORT.format(name="test_ddp_compression_hook_within_bound"),
     # Under autocast, gradients never averaged.
-    "test_fault_autocast_unsynced": HOOK_ON_EVERY_DDP + """
+    "test_fault_autocast_unsynced": HOOK_ON_EVERY_DDP
+    + """
 def HOOK(state, bucket):
     return _done(bucket.buffer())
 WANTS_HOOK = lambda kwargs: True
-""" + RE_EXPORT.format(name="test_ddp_with_autocast"),
+"""
+    + RE_EXPORT.format(name="test_ddp_with_autocast"),
     # The checkpointed block's 32x32 weights keep their local gradient; the rest is averaged.
-    "test_fault_checkpointed_block_unreduced": HOOK_ON_EVERY_DDP + """
+    "test_fault_checkpointed_block_unreduced": HOOK_ON_EVERY_DDP
+    + """
 def HOOK(state, bucket):
     buffer = bucket.buffer()
     local = [(g, g.clone()) for p, g in zip(bucket.parameters(), bucket.gradients()) if p.shape == (32, 32)]
@@ -105,7 +117,8 @@ def HOOK(state, bucket):
         view.copy_(kept)
     return _done(buffer)
 WANTS_HOOK = lambda kwargs: True
-""" + RE_EXPORT.format(name="test_ddp_with_checkpointing"),
+"""
+    + RE_EXPORT.format(name="test_ddp_with_checkpointing"),
 }
 
 SELECTION = [
@@ -126,46 +139,86 @@ def cases(tmp_path_factory):
 
 
 def test_ddp_that_never_averages_is_caught_by_parity_and_cross_rank_checks(cases):
-    assert_caught(cases, "test_fault_ddp_never_averages::test_ddp_matches_single_process[ws2-cpu-default]",
-                  "DDP(default): 2 of 2 ranks wrong", "rank 1: step 1 grad 'embed.weight' vs single process:",
-                  "outside tolerance", "|diff|=", "(atol=1e-05, rtol=1.3e-06)",
-                  "param 'embed.weight': #wrong=", "(bound: bitwise equal to rank 0)")
+    assert_caught(
+        cases,
+        "test_fault_ddp_never_averages::test_ddp_matches_single_process[ws2-cpu-default]",
+        "DDP(default): 2 of 2 ranks wrong",
+        "rank 1: step 1 grad 'embed.weight' vs single process:",
+        "outside tolerance",
+        "|diff|=",
+        "(atol=1e-05, rtol=1.3e-06)",
+        "param 'embed.weight': #wrong=",
+        "(bound: bitwise equal to rank 0)",
+    )
 
 
 def test_ddp_that_sums_without_dividing_is_caught(cases):
-    assert_caught(cases, "test_fault_ddp_sums::test_ddp_matches_single_process[ws2-cpu-tiny_buckets]",
-                  "rank 0: step 1 grad 'embed.weight' vs single process:", "outside tolerance", "|diff|=")
+    assert_caught(
+        cases,
+        "test_fault_ddp_sums::test_ddp_matches_single_process[ws2-cpu-tiny_buckets]",
+        "rank 0: step 1 grad 'embed.weight' vs single process:",
+        "outside tolerance",
+        "|diff|=",
+    )
 
 
 def test_configuration_drifting_from_default_is_caught(cases):
     key = "test_fault_ddp_config_drift::test_ddp_matches_single_process[ws2-cpu-static_graph]"
-    assert_caught(cases, key, "DDP(static_graph)", "rank 0: step 1 grad 'embed.weight' vs single process:",
-                  "with static_graph vs default DDP:", "outside tolerance")
+    assert_caught(
+        cases,
+        key,
+        "DDP(static_graph)",
+        "rank 0: step 1 grad 'embed.weight' vs single process:",
+        "with static_graph vs default DDP:",
+        "outside tolerance",
+    )
 
 
 def test_no_sync_that_communicates_is_caught(cases):
-    assert_caught(cases, "test_fault_no_sync_syncs::test_ddp_no_sync_accumulates[ws2-cpu]",
-                  "grad 'embed.weight' after no_sync backward vs this rank's local grad:", "outside tolerance",
-                  "rank 0:", "rank 1:")
+    assert_caught(
+        cases,
+        "test_fault_no_sync_syncs::test_ddp_no_sync_accumulates[ws2-cpu]",
+        "grad 'embed.weight' after no_sync backward vs this rank's local grad:",
+        "outside tolerance",
+        "rank 0:",
+        "rank 1:",
+    )
 
 
 def test_no_sync_that_loses_local_gradients_is_caught(cases):
-    assert_caught(cases, "test_fault_no_sync_forgets::test_ddp_no_sync_accumulates[ws2-cpu]",
-                  "grad 'embed.weight' after synced backward vs full-batch accumulated:", "outside tolerance")
+    assert_caught(
+        cases,
+        "test_fault_no_sync_forgets::test_ddp_no_sync_accumulates[ws2-cpu]",
+        "grad 'embed.weight' after synced backward vs full-batch accumulated:",
+        "outside tolerance",
+    )
 
 
 def test_compression_coarser_than_fp16_is_caught(cases):
-    assert_caught(cases, "test_fault_coarse_compression::test_ddp_compression_hook_within_bound[ws2-cpu-fp16]",
-                  "DDP fp16_compress_hook", "rank 0: step 1 grad 'embed.weight' vs single process: rel_l2=",
-                  "> bound 0.005")
+    assert_caught(
+        cases,
+        "test_fault_coarse_compression::test_ddp_compression_hook_within_bound[ws2-cpu-fp16]",
+        "DDP fp16_compress_hook",
+        "rank 0: step 1 grad 'embed.weight' vs single process: rel_l2=",
+        "> bound 0.005",
+    )
 
 
 def test_unsynced_ddp_under_autocast_is_caught(cases):
-    assert_caught(cases, "test_fault_autocast_unsynced::test_ddp_with_autocast[ws2-cpu-bf16]",
-                  "DDP + autocast(torch.bfloat16)", "rank 1: step 1 grad 'embed.weight' vs single process: rel_l2=",
-                  "> bound 0.02")
+    assert_caught(
+        cases,
+        "test_fault_autocast_unsynced::test_ddp_with_autocast[ws2-cpu-bf16]",
+        "DDP + autocast(torch.bfloat16)",
+        "rank 1: step 1 grad 'embed.weight' vs single process: rel_l2=",
+        "> bound 0.02",
+    )
 
 
 def test_unreduced_checkpointed_block_is_caught(cases):
-    assert_caught(cases, "test_fault_checkpointed_block_unreduced::test_ddp_with_checkpointing[ws2-cpu-reentrant]",
-                  "DDP + checkpoint(reentrant)", "rank 0: step 1 grad 'block.0.weight' vs single process:", "outside tolerance")
+    assert_caught(
+        cases,
+        "test_fault_checkpointed_block_unreduced::test_ddp_with_checkpointing[ws2-cpu-reentrant]",
+        "DDP + checkpoint(reentrant)",
+        "rank 0: step 1 grad 'block.0.weight' vs single process:",
+        "outside tolerance",
+    )

@@ -27,7 +27,8 @@ def _perturbing(self, fwd_chunk_id):
             op.tensor = op.tensor + 1e-3
     return ops
 _PipelineStageBase.get_fwd_send_ops = _perturbing
-""" + RE_EXPORT.format(name="test_schedule_matches_sequential"),
+"""
+    + RE_EXPORT.format(name="test_schedule_matches_sequential"),
     # The first two input microbatches swap places; targets keep their order.
     "test_fault_pp_reordered_microbatch": """
 import torch.distributed.pipelining.schedules as schedules
@@ -37,7 +38,8 @@ def _swapped(*args, **kwargs):
     arg_chunks[0], arg_chunks[1] = arg_chunks[1], arg_chunks[0]
     return arg_chunks, kwarg_chunks
 schedules.split_args_kwargs_into_chunks = _swapped
-""" + RE_EXPORT.format(name="test_schedule_matches_sequential"),
+"""
+    + RE_EXPORT.format(name="test_schedule_matches_sequential"),
     # pytorch#180952 brought back: the split dW pass loses its "clamp saved grads" guard,
     # which it only installs when a parameter group has more than one intermediate.
     "test_fault_pp_zero_bubble_double_count": """
@@ -51,7 +53,8 @@ def _unguarded(weights, param_groups, retain_graph=False):
         group["intermediates"] = _LooksLikeOne(group["intermediates"])
     return _real(weights, param_groups, retain_graph=retain_graph)
 stage_module.stage_backward_weight = _unguarded
-""" + RE_EXPORT.format(name="test_schedule_matches_sequential"),
+"""
+    + RE_EXPORT.format(name="test_schedule_matches_sequential"),
     # The traced stage module also keeps a stray copy of another block.
     "test_fault_pp_traced_stage_keeps_more": """
 import copy
@@ -64,7 +67,8 @@ def _bloated(self, stage_idx):
         module.stray = copy.deepcopy(other)
     return module
 Pipe.get_stage_module = _bloated
-""" + RE_EXPORT.format(name="test_traced_pipeline_matches_sequential"),
+"""
+    + RE_EXPORT.format(name="test_traced_pipeline_matches_sequential"),
     # 1F1B replaced by GPipe, and every stage output kept alive five times over.
     "test_fault_pp_memory": """
 import torch.distributed.pipelining as pipelining
@@ -78,7 +82,8 @@ def _leaky(self, *args, **kwargs):
         _leaked.extend(tensor.detach().clone() for _ in range(5))
     return out
 _PipelineStageBase.forward_one_chunk = _leaky
-""" + RE_EXPORT.format(name="test_pipeline_memory"),
+"""
+    + RE_EXPORT.format(name="test_pipeline_memory"),
 }
 
 SELECTION = [
@@ -96,30 +101,56 @@ def cases(tmp_path_factory):
 
 
 def test_stage_perturbing_its_sends_is_caught(cases):
-    assert_caught(cases, "test_fault_pp_perturbed_send::test_schedule_matches_sequential[ws2-cpu-1F1B]",
-                  "pipeline 1F1B", "rank 1: step 1 pipeline output:", "outside tolerance", "|diff|=")
+    assert_caught(
+        cases,
+        "test_fault_pp_perturbed_send::test_schedule_matches_sequential[ws2-cpu-1F1B]",
+        "pipeline 1F1B",
+        "rank 1: step 1 pipeline output:",
+        "outside tolerance",
+        "|diff|=",
+    )
 
 
 def test_reordered_microbatch_is_caught(cases):
-    assert_caught(cases, "test_fault_pp_reordered_microbatch::test_schedule_matches_sequential[ws2-cpu-GPipe]",
-                  "pipeline GPipe", "rank 1: step 1 pipeline output:",
-                  "step 1 loss (mean of 4 microbatch losses):", "grad '0.layer.linear.weight'", "outside tolerance")
+    assert_caught(
+        cases,
+        "test_fault_pp_reordered_microbatch::test_schedule_matches_sequential[ws2-cpu-GPipe]",
+        "pipeline GPipe",
+        "rank 1: step 1 pipeline output:",
+        "step 1 loss (mean of 4 microbatch losses):",
+        "grad '0.layer.linear.weight'",
+        "outside tolerance",
+    )
 
 
 def test_zero_bubble_double_counted_shared_weight_is_caught(cases):
-    assert_caught(cases,
-                  "test_fault_pp_zero_bubble_double_count::test_schedule_matches_sequential[ws2-cpu-InterleavedZeroBubble]",
-                  "pipeline InterleavedZeroBubble", "rank 0: step 1 grad '2.shared.weight'", "outside tolerance",
-                  "|diff|=")
+    assert_caught(
+        cases,
+        "test_fault_pp_zero_bubble_double_count::test_schedule_matches_sequential[ws2-cpu-InterleavedZeroBubble]",
+        "pipeline InterleavedZeroBubble",
+        "rank 0: step 1 grad '2.shared.weight'",
+        "outside tolerance",
+        "|diff|=",
+    )
 
 
 def test_traced_stage_holding_extra_parameters_is_caught(cases):
-    assert_caught(cases, "test_fault_pp_traced_stage_keeps_more::test_traced_pipeline_matches_sequential[ws2-cpu-GPipe]",
-                  "traced pipeline GPipe", "rank 0: stage 0 holds 1056 parameters; its slice has 528, "
-                  "the whole model 1056")
+    assert_caught(
+        cases,
+        "test_fault_pp_traced_stage_keeps_more::test_traced_pipeline_matches_sequential[ws2-cpu-GPipe]",
+        "traced pipeline GPipe",
+        "rank 0: stage 0 holds 1056 parameters; its slice has 528, the whole model 1056",
+    )
 
 
 def test_memory_checks_catch_gpipe_like_1f1b_and_leaking_stage(cases):
-    assert_caught(cases, "test_fault_pp_memory::test_pipeline_memory[ws2-cpu]",
-                  "pipeline memory", "rank 0: 1F1B peak", ">= GPipe peak", "bound < 1) at 8 microbatches",
-                  "stage peak", ">= whole-model peak")
+    assert_caught(
+        cases,
+        "test_fault_pp_memory::test_pipeline_memory[ws2-cpu]",
+        "pipeline memory",
+        "rank 0: 1F1B peak",
+        ">= GPipe peak",
+        "bound < 1) at 8 microbatches",
+        "stage peak",
+        ">= whole-model peak",
+    )

@@ -44,28 +44,47 @@ def label(index: int) -> str:
 
 NOT_SUPPORTED = {"error": "NotSupported"}
 ALL_NOT_SUPPORTED = dict(
-    ecc_mode=NOT_SUPPORTED, ecc_uncorrected_volatile=NOT_SUPPORTED, ecc_corrected_volatile=NOT_SUPPORTED,
-    ecc_uncorrected_aggregate=NOT_SUPPORTED, remapped_rows=NOT_SUPPORTED, retired_pages_pending=NOT_SUPPORTED,
-    clocks_event_reasons=NOT_SUPPORTED, pcie_gen=NOT_SUPPORTED, pcie_max_gen=NOT_SUPPORTED,
-    pcie_width=NOT_SUPPORTED, pcie_max_width=NOT_SUPPORTED, pcie_replay_counter=NOT_SUPPORTED,
-    nvlink=NOT_SUPPORTED, persistence_mode=NOT_SUPPORTED,
+    ecc_mode=NOT_SUPPORTED,
+    ecc_uncorrected_volatile=NOT_SUPPORTED,
+    ecc_corrected_volatile=NOT_SUPPORTED,
+    ecc_uncorrected_aggregate=NOT_SUPPORTED,
+    remapped_rows=NOT_SUPPORTED,
+    retired_pages_pending=NOT_SUPPORTED,
+    clocks_event_reasons=NOT_SUPPORTED,
+    pcie_gen=NOT_SUPPORTED,
+    pcie_max_gen=NOT_SUPPORTED,
+    pcie_width=NOT_SUPPORTED,
+    pcie_max_width=NOT_SUPPORTED,
+    pcie_replay_counter=NOT_SUPPORTED,
+    nvlink=NOT_SUPPORTED,
+    persistence_mode=NOT_SUPPORTED,
 )
 
 
 # -- reading ------------------------------------------------------------------------------
 def test_reader_sorts_values_not_applicable_and_errors(fake_pynvml):
-    fake_pynvml({"gpus": [
-        h100(0, retired_pages_pending=0),
-        dict(h100(1), **ALL_NOT_SUPPORTED),
-        h100(2, ecc_uncorrected_volatile={"error": "GpuIsLost"}, remapped_rows={"error": "NoPermission"}),
-    ]})
+    fake_pynvml(
+        {
+            "gpus": [
+                h100(0, retired_pages_pending=0),
+                dict(h100(1), **ALL_NOT_SUPPORTED),
+                h100(2, ecc_uncorrected_volatile={"error": "GpuIsLost"}, remapped_rows={"error": "NoPermission"}),
+            ]
+        }
+    )
     healthy, unsupported, lost = health.read_node()
     assert healthy.values["ecc_uncorrected_volatile"] == 0 and healthy.values["nvlink_up"] == [True] * 18
     assert healthy.values["row_remap_pending"] is False and healthy.values["retired_pages_pending"] is False
     assert not healthy.not_applicable and not healthy.errors
     assert unsupported.values == {}
-    assert set(unsupported.not_applicable) >= {"ecc_uncorrected_volatile", "row_remap", "clocks_event_reasons",
-                                               "pcie_gen", "nvlink", "persistence_mode"}
+    assert set(unsupported.not_applicable) >= {
+        "ecc_uncorrected_volatile",
+        "row_remap",
+        "clocks_event_reasons",
+        "pcie_gen",
+        "nvlink",
+        "persistence_mode",
+    }
     assert lost.errors == {"ecc_uncorrected_volatile": "NVMLError_GpuIsLost: GpuIsLost"}
     assert lost.not_applicable["row_remap"] == "NoPermission"
     problems = health_rules.ecc(lost).problems
@@ -73,12 +92,20 @@ def test_reader_sorts_values_not_applicable_and_errors(fake_pynvml):
 
 
 def test_reader_uses_deprecated_call_when_driver_lacks_the_new_one(fake_pynvml):
-    fake_pynvml({"missing_functions": ["nvmlDeviceGetCurrentClocksEventReasons"],
-                 "gpus": [h100(0, clocks_event_reasons=0x40)]})
+    fake_pynvml(
+        {"missing_functions": ["nvmlDeviceGetCurrentClocksEventReasons"], "gpus": [h100(0, clocks_event_reasons=0x40)]}
+    )
     (gpu,) = health.read_node()
     assert gpu.values["clocks_event_reasons"] == 0x40
-    fake_pynvml({"missing_functions": ["nvmlDeviceGetCurrentClocksEventReasons",
-                                       "nvmlDeviceGetCurrentClocksThrottleReasons"], "gpus": [h100(0)]})
+    fake_pynvml(
+        {
+            "missing_functions": [
+                "nvmlDeviceGetCurrentClocksEventReasons",
+                "nvmlDeviceGetCurrentClocksThrottleReasons",
+            ],
+            "gpus": [h100(0)],
+        }
+    )
     (gpu,) = health.read_node()
     assert gpu.not_applicable["clocks_event_reasons"].startswith("FunctionNotFound")
     assert health_rules.throttling(gpu).applicable is False
@@ -94,9 +121,17 @@ def test_reader_selects_gpus_by_uuid_and_reports_a_broken_driver(fake_pynvml):
 
 # -- rules -------------------------------------------------------------------------------
 def reading(index=0, **values) -> health.GpuHealth:
-    base = dict(ecc_uncorrected_volatile=0, row_remap_pending=False, row_remap_failure=False,
-                clocks_event_reasons=0, pcie_gen=5, pcie_max_gen=5, pcie_width=16, pcie_max_width=16,
-                nvlink_up=[True] * 4)
+    base = dict(
+        ecc_uncorrected_volatile=0,
+        row_remap_pending=False,
+        row_remap_failure=False,
+        clocks_event_reasons=0,
+        pcie_gen=5,
+        pcie_max_gen=5,
+        pcie_width=16,
+        pcie_max_width=16,
+        nvlink_up=[True] * 4,
+    )
     base.update(values)
     gpu = h100(index)
     return health.GpuHealth(index, gpu["uuid"], gpu["bus_id"], gpu["name"], base)
@@ -104,23 +139,39 @@ def reading(index=0, **values) -> health.GpuHealth:
 
 def test_rules_pass_a_healthy_gpu():
     gpu = reading()
-    for rule in (health_rules.ecc, health_rules.memory_repair, health_rules.throttling,
-                 health_rules.pcie_link, health_rules.nvlink):
+    for rule in (
+        health_rules.ecc,
+        health_rules.memory_repair,
+        health_rules.throttling,
+        health_rules.pcie_link,
+        health_rules.nvlink,
+    ):
         finding = rule(gpu)
         assert finding.problems == [] and finding.applicable, rule.__name__
 
 
-@pytest.mark.parametrize("rule, values, expected", [
-    (health_rules.ecc, {"ecc_uncorrected_volatile": 2}, "ecc_uncorrected_volatile = 2, bound 0"),
-    (health_rules.memory_repair, {"row_remap_pending": True}, "row_remap_pending = true, bound false"),
-    (health_rules.memory_repair, {"row_remap_failure": True}, "row_remap_failure = true, bound false"),
-    (health_rules.memory_repair, {"retired_pages_pending": True}, "retired_pages_pending = true, bound false"),
-    (health_rules.throttling, {"clocks_event_reasons": 0x80 | 0x1}, "clocks_event_reasons = 0x81 (HwPowerBrakeSlowdown active)"),
-    (health_rules.throttling, {"clocks_event_reasons": 0x20}, "(SwThermalSlowdown active)"),
-    (health_rules.pcie_link, {"pcie_width": 8}, "pcie_width = 8, bound pcie_max_width = 16 (degraded PCIe link)"),
-    (health_rules.pcie_link, {"pcie_gen": 3}, "pcie_gen = 3, bound pcie_max_gen = 5 (degraded PCIe link)"),
-    (health_rules.nvlink, {"nvlink_up": [True, False, True, False]}, "nvlink links down = [1, 3] (2 of 4), bound all up"),
-])
+@pytest.mark.parametrize(
+    "rule, values, expected",
+    [
+        (health_rules.ecc, {"ecc_uncorrected_volatile": 2}, "ecc_uncorrected_volatile = 2, bound 0"),
+        (health_rules.memory_repair, {"row_remap_pending": True}, "row_remap_pending = true, bound false"),
+        (health_rules.memory_repair, {"row_remap_failure": True}, "row_remap_failure = true, bound false"),
+        (health_rules.memory_repair, {"retired_pages_pending": True}, "retired_pages_pending = true, bound false"),
+        (
+            health_rules.throttling,
+            {"clocks_event_reasons": 0x80 | 0x1},
+            "clocks_event_reasons = 0x81 (HwPowerBrakeSlowdown active)",
+        ),
+        (health_rules.throttling, {"clocks_event_reasons": 0x20}, "(SwThermalSlowdown active)"),
+        (health_rules.pcie_link, {"pcie_width": 8}, "pcie_width = 8, bound pcie_max_width = 16 (degraded PCIe link)"),
+        (health_rules.pcie_link, {"pcie_gen": 3}, "pcie_gen = 3, bound pcie_max_gen = 5 (degraded PCIe link)"),
+        (
+            health_rules.nvlink,
+            {"nvlink_up": [True, False, True, False]},
+            "nvlink links down = [1, 3] (2 of 4), bound all up",
+        ),
+    ],
+)
 def test_rules_fail_with_gpu_counter_value_and_bound(rule, values, expected):
     (line,) = rule(reading(3, **values)).problems
     assert line.startswith(label(3) + ": ") and expected in line and "\n" not in line
@@ -177,7 +228,7 @@ def test_xid_events_only_after_registration(fake_pynvml):
 
 
 # -- the shipped tests, end to end (subprocesses) -------------------------------------------
-CHANGE_MID_RUN = '''
+CHANGE_MID_RUN = """
 import json, os
 
 def test_aaa_counters_change_while_the_suite_runs():
@@ -188,19 +239,24 @@ def test_aaa_counters_change_while_the_suite_runs():
     with open(path + ".new", "w") as handle:
         json.dump(config, handle)
     os.replace(path + ".new", path)
-'''
+"""
 
 
 def test_shipped_health_checks_catch_every_fault(pytester, fake_nvml, run_gpuconform):
-    fake_nvml({"missing_functions": ["nvmlDeviceGetCurrentClocksEventReasons"], "gpus": [
-        h100(0, pcie_gen=1, clocks_event_reasons=0x1),  # healthy, idle link downclocked
-        h100(1, ecc_uncorrected_volatile=2),
-        h100(2, remapped_rows=[0, 1, 1, 0]),
-        h100(3, clocks_event_reasons=0x48),
-        h100(4, pcie_gen=3, pcie_width=8, clocks_event_reasons=0),
-        h100(5, nvlink=[1, 1, 0, 1]),
-        dict(h100(6), **ALL_NOT_SUPPORTED),
-    ]})
+    fake_nvml(
+        {
+            "missing_functions": ["nvmlDeviceGetCurrentClocksEventReasons"],
+            "gpus": [
+                h100(0, pcie_gen=1, clocks_event_reasons=0x1),  # healthy, idle link downclocked
+                h100(1, ecc_uncorrected_volatile=2),
+                h100(2, remapped_rows=[0, 1, 1, 0]),
+                h100(3, clocks_event_reasons=0x48),
+                h100(4, pcie_gen=3, pcie_width=8, clocks_event_reasons=0),
+                h100(5, nvlink=[1, 1, 0, 1]),
+                dict(h100(6), **ALL_NOT_SUPPORTED),
+            ],
+        }
+    )
     # test_zz_change runs after the health checks and before the run-last check
     pytester.makepyfile(test_reshipped=RESHIPPED, test_zz_change=CHANGE_MID_RUN)
     result = run_gpuconform("-v", "-rA", "--junitxml", "out.xml")
@@ -223,10 +279,12 @@ def test_shipped_health_checks_catch_every_fault(pytester, fake_nvml, run_gpucon
     assert f"{label(0)}: pcie_gen = 1, bound pcie_max_gen = 5: not judged while the GPU idles" in xml
     assert '<property name="gpu1_persistence_mode" value="on" />' in xml and "gpu6_persistence_mode" not in xml
     assert '<property name="gpu6_ecc" value="n/a" />' in xml
-    failures = out[out.index("= FAILURES ="):out.index("= PASSES =")]
+    failures = out[out.index("= FAILURES =") : out.index("= PASSES =")]
     assert label(6) not in failures and f"{label(0)}: pcie" not in failures
     ran = [line.split()[0] for line in out.splitlines() if " PASSED " in line or " FAILED " in line]
-    assert ran[-1].endswith("::test_counters_unchanged_during_run") and ran[-2].endswith("::test_aaa_counters_change_while_the_suite_runs")
+    assert ran[-1].endswith("::test_counters_unchanged_during_run") and ran[-2].endswith(
+        "::test_aaa_counters_change_while_the_suite_runs"
+    )
 
 
 def test_not_applicable_counters_skip_with_reasons(pytester, fake_nvml, run_gpuconform):
@@ -234,16 +292,23 @@ def test_not_applicable_counters_skip_with_reasons(pytester, fake_nvml, run_gpuc
     pytester.makepyfile(test_reshipped=RESHIPPED)
     result = run_gpuconform("-rs")
     result.assert_outcomes(skipped=6, passed=1)
-    result.stdout.fnmatch_lines([f"*ecc: not applicable on any GPU: {label(0)}: not applicable (ecc_uncorrected_volatile: NotSupported)*",
-                                 "*nvlink: not applicable on any GPU*", "*persistence_mode: not applicable on any GPU*"])
+    result.stdout.fnmatch_lines(
+        [
+            f"*ecc: not applicable on any GPU: {label(0)}: not applicable (ecc_uncorrected_volatile: NotSupported)*",
+            "*nvlink: not applicable on any GPU*",
+            "*persistence_mode: not applicable on any GPU*",
+        ]
+    )
 
 
 def test_cpu_node_skips_and_strict_acceptance_fails(pytester, fake_nvml, run_gpuconform):
     """Health and performance checks together: skipped with the reason on a CPU node, failed
     when the node is expected to have GPUs."""
     fake_nvml({"init_error": "LibraryNotFound", "gpus": []})
-    pytester.makepyfile(test_reshipped=RESHIPPED,
-                        test_reshipped_perf="from pytest_gpuconform.conformance.test_performance import *  # noqa\n")
+    pytester.makepyfile(
+        test_reshipped=RESHIPPED,
+        test_reshipped_perf="from pytest_gpuconform.conformance.test_performance import *  # noqa\n",
+    )
     result = run_gpuconform("-rs")
     result.assert_outcomes(skipped=7 + 8)
     result.stdout.fnmatch_lines(["*needs 1 GPU(s), node has no GPU*"])
@@ -262,8 +327,11 @@ def test_change_after_a_workers_last_test_is_caught_under_xdist(pytester, fake_n
     pytester.makepyfile(test_reshipped=RESHIPPED, test_zz_change=CHANGE_MID_RUN.replace('["gpus"][0]', '["gpus"][1]'))
     result = run_gpuconform("-n", "2", "--junitxml", "out.xml")
     assert result.ret == 1
-    result.stdout.fnmatch_lines([
-        "*_ counters_unchanged_after_all_workers _*",
-        f"{label(1)}: ecc_uncorrected_volatile rose from 0 to 4 during the run, bound no change"])
+    result.stdout.fnmatch_lines(
+        [
+            "*_ counters_unchanged_after_all_workers _*",
+            f"{label(1)}: ecc_uncorrected_volatile rose from 0 to 4 during the run, bound no change",
+        ]
+    )
     xml = (pytester.path / "out.xml").read_text()
     assert 'name="counters_unchanged_after_all_workers"' in xml and "rose from 0 to 4" in xml

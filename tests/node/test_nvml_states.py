@@ -13,10 +13,12 @@ def test_driver_library_mismatch_fails_the_environment_check(pytester, fake_nvml
     fake_nvml({"init_error": "LibRmVersionMismatch"})
     result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", "-k", "nvml_driver_answers")
     assert result.ret == 1
-    result.stdout.fnmatch_lines([
-        "gpuconform: NVML ERROR: nvmlInit failed: LibRmVersionMismatch: *reboot the node*",
-        "*AssertionError: NVML: nvmlInit failed: LibRmVersionMismatch*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "gpuconform: NVML ERROR: nvmlInit failed: LibRmVersionMismatch: *reboot the node*",
+            "*AssertionError: NVML: nvmlInit failed: LibRmVersionMismatch*",
+        ]
+    )
 
 
 @pytest.mark.parametrize("error", ["LibraryNotFound", "DriverNotLoaded"])
@@ -24,8 +26,9 @@ def test_missing_driver_is_a_cpu_node(pytester, fake_nvml, error):
     fake_nvml({"init_error": error})
     result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", "-k", "environment", "-rs")
     assert result.ret == 0
-    result.stdout.fnmatch_lines([f"gpuconform: CPU node: no NVIDIA driver ({error})",
-                                 f"*CPU node: no NVIDIA driver ({error})*"])
+    result.stdout.fnmatch_lines(
+        [f"gpuconform: CPU node: no NVIDIA driver ({error})", f"*CPU node: no NVIDIA driver ({error})*"]
+    )
 
 
 def test_header_and_junit_carry_the_inventory(pytester, fake_nvml):
@@ -35,13 +38,19 @@ def test_header_and_junit_carry_the_inventory(pytester, fake_nvml):
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
     result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", ".", "--junitxml=out.xml")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([
-        "gpuconform: driver 550.54.15, CUDA 12.4, 2 GPU(s), 2 visible",
-        "gpuconform:   GPU 0 (GPU-00000000-*, bus 00000000:18:00.0): NVIDIA H100 80GB HBM3, 80 GiB, cc 9.0",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "gpuconform: driver 550.54.15, CUDA 12.4, 2 GPU(s), 2 visible",
+            "gpuconform:   GPU 0 (GPU-00000000-*, bus 00000000:18:00.0): NVIDIA H100 80GB HBM3, 80 GiB, cc 9.0",
+        ]
+    )
     xml = (pytester.path / "out.xml").read_text()
-    for prop in ('name="gpuconform.driver" value="550.54.15"', 'name="gpuconform.gpu1_pci_bus_id" value="00000000:19:00.0"',
-                 'name="gpuconform.gpu0_compute_capability" value="9.0"', 'name="gpuconform.torch" value="2.'):
+    for prop in (
+        'name="gpuconform.driver" value="550.54.15"',
+        'name="gpuconform.gpu1_pci_bus_id" value="00000000:19:00.0"',
+        'name="gpuconform.gpu0_compute_capability" value="9.0"',
+        'name="gpuconform.torch" value="2.',
+    ):
         assert prop in xml
 
 

@@ -32,15 +32,23 @@ def test_shipped_floors_are_half_the_datasheet_peak():
     assert table.lookup("nvidia a100-sxm4-80gb").gemm_tflops["bf16"] == pytest.approx(156.0)
     assert table.lookup("NVIDIA H100 PCIe").all_reduce_busbw_gbps is None
     assert table.lookup("NVIDIA GeForce RTX 4090") is None
-    assert "no performance floor for GPU model 'NVIDIA GeForce RTX 4090'" in table.missing_reason("NVIDIA GeForce RTX 4090")
+    assert "no performance floor for GPU model 'NVIDIA GeForce RTX 4090'" in table.missing_reason(
+        "NVIDIA GeForce RTX 4090"
+    )
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "not valid JSON"),
-    ('{"format": "something else"}', "is not a floors file"),
-    ('{"format": "pytest-gpuconform perf floors", "fraction_of_peak": {"gemm_tflops": 0.5, "all_reduce_busbw_gbps": 0.3},'
-     ' "models": [{"model": "X", "names": ["X"], "peak_tflops": {"bf16": -1}}]}', "peak_tflops.bf16 = -1 must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "something else"}', "is not a floors file"),
+        (
+            '{"format": "pytest-gpuconform perf floors", "fraction_of_peak": {"gemm_tflops": 0.5, "all_reduce_busbw_gbps": 0.3},'
+            ' "models": [{"model": "X", "names": ["X"], "peak_tflops": {"bf16": -1}}]}',
+            "peak_tflops.bf16 = -1 must be a positive number",
+        ),
+    ],
+)
 def test_bad_floors_file_says_why(tmp_path, content, message):
     path = tmp_path / "floors.json"
     path.write_text(content)
@@ -57,8 +65,10 @@ def test_slow_gpu_among_peers_is_flagged_against_the_median():
     (slow,) = peers.slow_peers(values, 0.1)
     assert slow.label == "GPU 7" and slow.value == 520.0 and slow.median == pytest.approx(782.5)
     line = slow.line("bf16 GEMM", "TFLOP/s", 0.1)
-    assert line == ("GPU 7: bf16 GEMM = 520 TFLOP/s, 33.5% below the node median 782.5; "
-                    "bound >= 704.2 (--gpuconform-peer-fraction 0.1)")
+    assert line == (
+        "GPU 7: bf16 GEMM = 520 TFLOP/s, 33.5% below the node median 782.5; "
+        "bound >= 704.2 (--gpuconform-peer-fraction 0.1)"
+    )
 
 
 def test_equal_peers_and_a_single_gpu_pass():
@@ -78,8 +88,9 @@ def test_gemm_measurement_runs_warmup_then_takes_the_median_on_cpu():
     import torch
 
     calls = []
-    result = perf.measure_gemm(torch.device("cpu"), "fp32", n=64, warmup=2, repeats=5,
-                               while_loaded=lambda: calls.append("loaded"))
+    result = perf.measure_gemm(
+        torch.device("cpu"), "fp32", n=64, warmup=2, repeats=5, while_loaded=lambda: calls.append("loaded")
+    )
     assert result.n == 64 and result.tflops > 0 and calls == ["loaded"]
     assert result.tflops == pytest.approx(perf.gemm_tflops(64, result.median_ms))
     timing = perf.time_repeats(torch, torch.device("cpu"), lambda: None, 0, 5)
@@ -99,8 +110,9 @@ def test_all_reduce_measurement_on_a_one_rank_gloo_group(tmp_path):
 
 
 # -- the shipped checks with injected measurements --------------------------------------------
-GPUS = tuple(nvml.GpuInfo(i, "NVIDIA H100 80GB HBM3", h100(i)["uuid"], h100(i)["bus_id"], 80 * 2**30, (9, 0))
-             for i in range(4))
+GPUS = tuple(
+    nvml.GpuInfo(i, "NVIDIA H100 80GB HBM3", h100(i)["uuid"], h100(i)["bus_id"], 80 * 2**30, (9, 0)) for i in range(4)
+)
 
 
 def label(i: int) -> str:
@@ -149,14 +161,23 @@ def test_gemm_check_fails_a_gpu_below_its_floor_and_a_slow_peer(fake_cuda):
         shipped.test_gemm_throughput("bf16", setup(), Recorder())
     lines = str(failed.value).splitlines()
     assert f"{label(1)}: bf16 GEMM 8192^3 = 300 TFLOP/s, bound >= 494.7 (floor for H100 SXM5)" in lines
-    assert any(line.startswith(f"{label(2)}: bf16 GEMM = 600 TFLOP/s, 13.7% below the node median 695; bound >= 625.5")
-               for line in lines), lines
+    assert any(
+        line.startswith(f"{label(2)}: bf16 GEMM = 600 TFLOP/s, 13.7% below the node median 695; bound >= 625.5")
+        for line in lines
+    ), lines
 
 
 def test_gemm_check_on_an_unknown_model_records_and_skips_the_floor(fake_cuda, monkeypatch, tmp_path):
     path = tmp_path / "floors.json"
-    path.write_text(json.dumps({"format": floors.FORMAT, "models": [],
-                                "fraction_of_peak": {"gemm_tflops": 0.5, "all_reduce_busbw_gbps": 0.3}}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": floors.FORMAT,
+                "models": [],
+                "fraction_of_peak": {"gemm_tflops": 0.5, "all_reduce_busbw_gbps": 0.3},
+            }
+        )
+    )
     one_gpu = perf.PerfSetup(GPUS, GPUS, floors.load(path), 0.1)
     monkeypatch.setattr(hardware, "cuda_devices", lambda: [(0, GPUS[0].uuid)])
     record = Recorder()
@@ -166,9 +187,16 @@ def test_gemm_check_on_an_unknown_model_records_and_skips_the_floor(fake_cuda, m
 
 
 def test_pcie_under_load_fails_a_degraded_link(fake_cuda, monkeypatch):
-    seen = {g.uuid: health.GpuHealth(g.index, g.uuid, g.pci_bus_id, g.name,
-                                     dict(pcie_gen=5, pcie_max_gen=5, pcie_width=16, pcie_max_width=16,
-                                          clocks_event_reasons=0x1)) for g in GPUS}
+    seen = {
+        g.uuid: health.GpuHealth(
+            g.index,
+            g.uuid,
+            g.pci_bus_id,
+            g.name,
+            dict(pcie_gen=5, pcie_max_gen=5, pcie_width=16, pcie_max_width=16, clocks_event_reasons=0x1),
+        )
+        for g in GPUS
+    }
     seen[GPUS[3].uuid].values["pcie_gen"] = 2
     monkeypatch.setattr(hardware, "read_node", lambda uuids: [seen[u] for u in uuids])
     with pytest.raises(pytest.fail.Exception) as failed:
@@ -182,7 +210,8 @@ def test_all_reduce_check_fails_below_the_nvlink_floor(monkeypatch):
     monkeypatch.setattr(hardware, "measure_all_reduce", lambda device, ws, numel: (9.5, 50.0))  # PCIe-like
     with pytest.raises(AssertionError) as failed:
         shipped.test_all_reduce_bus_bandwidth(0, 2, torch.device("cpu"), setup(), Recorder())
-    assert str(failed.value).startswith("all_reduce busbw over 2 ranks = 50 GB/s, bound >= 135 (floor for H100 SXM5); "
-                                        f"GPUs {label(0)}, {label(1)}")
+    assert str(failed.value).startswith(
+        f"all_reduce busbw over 2 ranks = 50 GB/s, bound >= 135 (floor for H100 SXM5); GPUs {label(0)}, {label(1)}"
+    )
     monkeypatch.setattr(hardware, "measure_all_reduce", lambda device, ws, numel: (1.0, 400.0))
     shipped.test_all_reduce_bus_bandwidth(0, 2, torch.device("cpu"), setup(), Recorder())

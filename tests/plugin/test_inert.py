@@ -45,4 +45,6 @@ def test_disabled_plugin_does_not_collect_the_suite(pytester):
 
 def test_markers_are_registered_for_strict_markers(pytester):
     result = pytester.runpytest_subprocess("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.gpu(n=1, bf16=False*", "@pytest.mark.world_size(*", "@pytest.mark.dtype(*"])
+    result.stdout.fnmatch_lines(
+        ["@pytest.mark.gpu(n=1, bf16=False*", "@pytest.mark.world_size(*", "@pytest.mark.dtype(*"]
+    )

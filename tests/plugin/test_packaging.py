@@ -16,25 +16,49 @@ PACKAGE = ROOT / "pytest_gpuconform"
 def test_every_folder_of_the_package_is_declared():
     """A new folder missing from pyproject's package list would be left out of the wheel."""
     declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    folders = {".".join(path.relative_to(ROOT).parts) for path in [PACKAGE, *PACKAGE.rglob("*")]
-               if path.is_dir() and path.name != "__pycache__"}
+    folders = {
+        ".".join(path.relative_to(ROOT).parts)
+        for path in [PACKAGE, *PACKAGE.rglob("*")]
+        if path.is_dir() and path.name != "__pycache__"
+    }
     assert folders | {"pytest_gpuconform.conformance"} == declared
 
 
 def test_wheel_builds_without_warnings_and_contains_the_suite_and_the_entry_points(tmp_path):
     # Built from a copy: setuptools leaves build/ behind in the tree it builds.
     source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info",
-                                                                "__pycache__", "reports"))
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
-                            "-w", str(tmp_path), str(source)], check=True, capture_output=True, text=True, timeout=300)
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__", "reports")
+    )
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-v",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = built.stdout + built.stderr
     assert "Warning" not in log and "absent from the `packages`" not in log, log[-3000:]
     wheel = next(tmp_path.glob("pytest_gpuconform-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("pytest_gpuconform/plugin.py", "pytest_gpuconform/conformance/test_environment.py",
-                     "pytest_gpuconform/conformance/test_ddp.py", "pytest_gpuconform/reporting/templates/report.html.j2",
-                     "pytest_gpuconform/perf/data/perf_floors.json"):
+    for expected in (
+        "pytest_gpuconform/plugin.py",
+        "pytest_gpuconform/conformance/test_environment.py",
+        "pytest_gpuconform/conformance/test_ddp.py",
+        "pytest_gpuconform/reporting/templates/report.html.j2",
+        "pytest_gpuconform/perf/data/perf_floors.json",
+    ):
         assert expected in names, expected
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -43,9 +67,24 @@ def test_wheel_builds_without_warnings_and_contains_the_suite_and_the_entry_poin
 
 
 def test_installed_suite_runs_from_an_empty_directory(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider", "-rs",
-                           "-k", "environment", "--junitxml=out.xml"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--gpuconform",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            "-k",
+            "environment",
+            "--junitxml=out.xml",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "test_environment.py" in done.stdout and "SKIPPED" in done.stdout
     root = ET.parse(tmp_path / "out.xml").getroot()

@@ -40,8 +40,9 @@ def check_shell(script: str, tmp_path: Path, name: str) -> None:
     assert result.returncode == 0, f"{name}: {result.stderr}"
     shellcheck = shutil.which("shellcheck")
     if shellcheck:
-        result = subprocess.run([shellcheck, "--shell=bash", "--severity=warning", str(path)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [shellcheck, "--shell=bash", "--severity=warning", str(path)], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, f"{name}: {result.stdout}"
 
 
@@ -61,9 +62,16 @@ def test_github_workflow_runs_nightly_uploads_and_publishes_even_after_failures(
         if "run" in step:
             check_shell(github_expressions_away(step["run"]), tmp_path, f"github-{len(name)}.sh")
     run = steps["Conformance suite"]["run"]
-    junit = re.search(r'--junitxml="([^"]+)"', run).group(1).replace("$REPORT_DIR", "reports").replace("$RUNNER_NAME", "gpu-1")
+    junit = (
+        re.search(r'--junitxml="([^"]+)"', run)
+        .group(1)
+        .replace("$REPORT_DIR", "reports")
+        .replace("$RUNNER_NAME", "gpu-1")
+    )
     upload, publish = steps["Upload JUnit and HTML report"], steps["Publish test results"]
-    assert upload["uses"].startswith("actions/upload-artifact@") and publish["uses"].startswith("mikepenz/action-junit-report@")
+    assert upload["uses"].startswith("actions/upload-artifact@") and publish["uses"].startswith(
+        "mikepenz/action-junit-report@"
+    )
     assert fnmatch.fnmatch(junit, publish["with"]["report_paths"]) and junit.startswith(upload["with"]["path"])
     for step in (steps["HTML report"], upload, publish):  # after a failed suite, still report
         assert "!cancelled()" in step["if"] or "always()" in step["if"]
@@ -80,10 +88,16 @@ def test_gitlab_job_reports_junit_and_fails_when_a_check_failed(tmp_path, stand_
     workdir = tmp_path / "job"
     workdir.mkdir()
     env = stand_ins.env(GPUCONFORM_HOST="gitlab-runner-7", FAKE_PYTEST_FAIL="gitlab-runner-7")
-    result = subprocess.run(["bash", "-e", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["bash", "-e", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1, result.stderr
     written = sorted(str(p.relative_to(workdir)) for p in (workdir / "reports").iterdir())
-    assert written == ["reports/inventory-gitlab-runner-7.json", "reports/junit-gitlab-runner-7.xml", "reports/report.html"]
+    assert written == [
+        "reports/inventory-gitlab-runner-7.json",
+        "reports/junit-gitlab-runner-7.xml",
+        "reports/report.html",
+    ]
     assert [w for w in written if fnmatch.fnmatch(w, junit_glob)] == ["reports/junit-gitlab-runner-7.xml"]
 
 
@@ -105,7 +119,9 @@ def test_kubernetes_indexed_job_one_pod_per_node_no_retries(tmp_path):
     check_shell(script, tmp_path, "pod.sh")
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert '--junitxml="/reports/junit-$NODE_NAME.xml"' in script and mounts["reports"] == "/reports"
-    assert {v["name"]: v for v in pod["volumes"]}["reports"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert {v["name"]: v for v in pod["volumes"]}["reports"]["persistentVolumeClaim"]["claimName"] == claim["metadata"][
+        "name"
+    ]
 
 
 @pytest.mark.parametrize("script", [PER_NODE, TORCHRUN], ids=lambda p: p.name)
@@ -198,8 +214,14 @@ class StandIns:
         self.directory = directory
         self.log = log
         directory.mkdir()
-        for name, text in [("pytest", PYTEST), ("torchrun", TORCHRUN_STANDIN), ("srun", SRUN),
-                           ("scontrol", SCONTROL), ("hostname", HOSTNAME), ("pip", PIP)]:
+        for name, text in [
+            ("pytest", PYTEST),
+            ("torchrun", TORCHRUN_STANDIN),
+            ("srun", SRUN),
+            ("scontrol", SCONTROL),
+            ("hostname", HOSTNAME),
+            ("pip", PIP),
+        ]:
             path = directory / name
             path.write_text(text)
             path.chmod(0o755)
@@ -231,8 +253,9 @@ def merged_suites(path: Path) -> dict[str, tuple[str, str]]:
     return {s.get("name"): (s.get("tests"), s.get("failures")) for s in root.findall("testsuite")}
 
 
-SLURM = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-[01-03]", SLURM_JOB_NUM_NODES="3",
-             FAKE_NODES="gpu-01 gpu-02 gpu-03")
+SLURM = dict(
+    SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-[01-03]", SLURM_JOB_NUM_NODES="3", FAKE_NODES="gpu-01 gpu-02 gpu-03"
+)
 
 
 def test_per_node_script_one_pytest_per_node_then_merge(tmp_path, stand_ins):
@@ -244,7 +267,9 @@ def test_per_node_script_one_pytest_per_node_then_merge(tmp_path, stand_ins):
     calls = stand_ins.calls("pytest")
     assert [host for host, _ in calls] == ["gpu-01", "gpu-02", "gpu-03"]
     host, args = calls[1]
-    assert {"--gpuconform", "-n", "auto", "--junit-prefix=gpu-02", f"--junitxml={reports}/junit-gpu-02.xml"} <= set(args)
+    assert {"--gpuconform", "-n", "auto", "--junit-prefix=gpu-02", f"--junitxml={reports}/junit-gpu-02.xml"} <= set(
+        args
+    )
 
 
 def test_per_node_script_fails_on_a_silent_node_and_a_failed_check(tmp_path, stand_ins):
@@ -258,27 +283,56 @@ def test_per_node_script_fails_on_a_silent_node_and_a_failed_check(tmp_path, sta
 
 
 def test_torchrun_script_one_agent_per_node_every_rank_reports(tmp_path, stand_ins):
-    env = stand_ins.env(**dict(SLURM, SLURM_JOB_NODELIST="gpu-[01-02]", SLURM_JOB_NUM_NODES="2",
-                               FAKE_NODES="gpu-01 gpu-02", GPUCONFORM_GPUS_PER_NODE="2"))
+    env = stand_ins.env(
+        **dict(
+            SLURM,
+            SLURM_JOB_NODELIST="gpu-[01-02]",
+            SLURM_JOB_NUM_NODES="2",
+            FAKE_NODES="gpu-01 gpu-02",
+            GPUCONFORM_GPUS_PER_NODE="2",
+        )
+    )
     result = run_sbatch(TORCHRUN, tmp_path / "ok", env)
     assert result.returncode == 0, result.stderr
     reports = tmp_path / "ok" / "reports" / "4242"
     # Per-rank files merged (the collapsed junit-cluster.xml of rank 0 is not among them).
     assert merged_suites(reports / "cluster.xml") == {
-        f"gpu-0{node}-r{rank}": ("1", "0") for node, rank in [(1, 0), (1, 1), (2, 2), (2, 3)]}
+        f"gpu-0{node}-r{rank}": ("1", "0") for node, rank in [(1, 0), (1, 1), (2, 2), (2, 3)]
+    }
     agents = stand_ins.calls("torchrun")
     assert [host for host, _ in agents] == ["gpu-01", "gpu-02"]
     for _, args in agents:
-        assert {"--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-01:29500",
-                "--rdzv-id=4242", "-p", "no:xdist", "no:randomly", f"--junitxml={reports}/junit-{{host}}-r{{rank}}.xml"} <= set(args)
+        assert {
+            "--nnodes=2",
+            "--nproc-per-node=2",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=gpu-01:29500",
+            "--rdzv-id=4242",
+            "-p",
+            "no:xdist",
+            "no:randomly",
+            f"--junitxml={reports}/junit-{{host}}-r{{rank}}.xml",
+        } <= set(args)
     page = (reports / "report.html").read_text()
     assert page.count('data-outcome="passed"') == 2  # two hosts, their ranks folded per column
 
 
 def test_torchrun_script_fails_when_a_rank_is_missing(tmp_path, stand_ins):
-    env = stand_ins.env(**dict(SLURM, SLURM_JOB_NODELIST="gpu-[01-02]", SLURM_JOB_NUM_NODES="2",
-                               FAKE_NODES="gpu-01 gpu-02", GPUCONFORM_GPUS_PER_NODE="2", FAKE_DEAD_RANKS="3"))
+    env = stand_ins.env(
+        **dict(
+            SLURM,
+            SLURM_JOB_NODELIST="gpu-[01-02]",
+            SLURM_JOB_NUM_NODES="2",
+            FAKE_NODES="gpu-01 gpu-02",
+            GPUCONFORM_GPUS_PER_NODE="2",
+            FAKE_DEAD_RANKS="3",
+        )
+    )
     result = run_sbatch(TORCHRUN, tmp_path / "bad", env)
     assert result.returncode == 1
     assert "gpuconform: no report from 1 of 4 rank(s): r3" in result.stderr
-    assert set(merged_suites(tmp_path / "bad" / "reports" / "4242" / "cluster.xml")) == {"gpu-01-r0", "gpu-01-r1", "gpu-02-r2"}
+    assert set(merged_suites(tmp_path / "bad" / "reports" / "4242" / "cluster.xml")) == {
+        "gpu-01-r0",
+        "gpu-01-r1",
+        "gpu-02-r2",
+    }

@@ -50,8 +50,13 @@ def test_reports_pages_and_baselines_are_0644(pytester, umask_022, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     result = pytester.runpytest_subprocess(
-        "--gpuconform", "-p", "no:cacheprovider", ".", f"--junitxml={out}/junit-{{host}}.xml",
-        f"--gpuconform-save-baseline={out}/baseline.json")
+        "--gpuconform",
+        "-p",
+        "no:cacheprovider",
+        ".",
+        f"--junitxml={out}/junit-{{host}}.xml",
+        f"--gpuconform-save-baseline={out}/baseline.json",
+    )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     (junit,) = out.glob("junit-*.xml")
     assert "<error" not in junit.read_text()  # rewritten in place, atomically

@@ -38,8 +38,9 @@ def require_tool(name: str, debian_package: str) -> str:
 
 def assert_schema_valid(path: Path) -> None:
     xmllint = require_tool("xmllint", "libxml2-utils")
-    result = subprocess.run([xmllint, "--noout", "--schema", str(SCHEMA), str(path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [xmllint, "--noout", "--schema", str(SCHEMA), str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -63,7 +64,9 @@ def test_two_nodes_stay_apart_counts_add_up_properties_survive(tmp_path, capsys)
     # (the schema has no <error>); one skip per node.
     assert (merged.get("tests"), merged.get("failures"), merged.get("errors")) == ("8", "2", "0")
     assert [(s.get("tests"), s.get("failures"), s.get("skipped")) for s in suites.values()] == [
-        ("4", "0", "1"), ("4", "2", "1")]
+        ("4", "0", "1"),
+        ("4", "2", "1"),
+    ]
     assert float(merged.get("time")) == pytest.approx(3.75)
 
     # The same test from both nodes: two cases, host in the classname (GitLab's suite key).
@@ -76,7 +79,7 @@ def test_two_nodes_stay_apart_counts_add_up_properties_survive(tmp_path, capsys)
         assert ("gpuconform.source", f"junit-{node}.xml") in props(suites[node])
         for (classname, name), case in cases(source).items():
             copy = out_cases[(f"{node}.{classname}", name)]
-            assert props(copy) == props(case)                      # measured numbers survive
+            assert props(copy) == props(case)  # measured numbers survive
             assert copy.findtext("system-out") == case.findtext("system-out")
 
     error = out_cases[("node-b.pytest_gpuconform.conformance.test_collectives", "test_all_reduce[ws2-cuda-fp32]")]
@@ -121,7 +124,10 @@ BAD_INPUTS = {
     "missing": (lambda d: d / "junit-gone.xml", "no such file"),
     "empty": (lambda d: _write(d / "junit-empty.xml", ""), "is empty (0 bytes)"),
     "truncated": (lambda d: _write(d / "junit-cut.xml", NODE_A.read_text()[:700]), "not well-formed XML"),
-    "not junit": (lambda d: _write(d / "page.xml", "<html><body/></html>"), "not a JUnit report (root element is <html>"),
+    "not junit": (
+        lambda d: _write(d / "page.xml", "<html><body/></html>"),
+        "not a JUnit report (root element is <html>",
+    ),
     "no suite": (lambda d: _write(d / "junit-none.xml", "<testsuites/>"), "contains no <testsuite>"),
     "directory": (lambda d: d, "is a directory"),
 }
@@ -139,7 +145,7 @@ def test_bad_input_is_named_exit_2_and_nothing_written(tmp_path, capsys, kind):
     assert main(["merge", str(NODE_A), str(bad), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"gpuconform merge: error: {bad}: ") and expected in err
-    assert out.read_text() == "previous report"     # untouched, and no temporary file left
+    assert out.read_text() == "previous report"  # untouched, and no temporary file left
     assert os.listdir(out_dir) == ["cluster.xml"]
 
 
@@ -160,8 +166,9 @@ def test_console_script_exit_code(tmp_path):
     script = shutil.which("gpuconform", path=os.path.dirname(sys.executable)) or shutil.which("gpuconform")
     assert script, "the gpuconform console script is not installed beside this Python"
     empty = _write(tmp_path / "junit-empty.xml", "")
-    result = subprocess.run([script, "merge", str(empty), "-o", str(tmp_path / "x.xml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [script, "merge", str(empty), "-o", str(tmp_path / "x.xml")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "junit-empty.xml: is empty" in result.stderr
     assert not (tmp_path / "x.xml").exists()
 
@@ -174,7 +181,12 @@ def test_pytest_file_made_schema_safe_in_place(tmp_path):
     shutil.copy(NODE_B, path)
     assert make_schema_safe(str(path)) == 1
     suite = ElementTree.parse(path).getroot().find("testsuite")
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped")) == ("4", "2", "0", "1")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped")) == (
+        "4",
+        "2",
+        "0",
+        "1",
+    )
     assert [f.get("type") for f in suite.iter("failure")] == [None, "error"]
     assert_schema_valid(path)
     assert make_schema_safe(str(path)) == 0  # nothing left to do, file untouched
@@ -188,7 +200,8 @@ def test_a_test_repeated_within_one_file_is_kept(tmp_path):
         '<property name="gpuconform.host" value="node-c"/></properties>'
         '<testcase classname="test_x" name="test_a"><failure message="assert 1 == 2"/></testcase>'
         '<testcase classname="test_x" name="test_a"><error message="failed on teardown"/></testcase>'
-        '</testsuite></testsuites>')
+        "</testsuite></testsuites>"
+    )
     out = tmp_path / "cluster.xml"
     assert main(["merge", str(double), "-o", str(out)]) == 0
     root = ElementTree.parse(out).getroot()

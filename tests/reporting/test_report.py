@@ -25,8 +25,15 @@ from pytest_gpuconform.reporting import html as report
 DATA = support.DATA
 SCHEMA = DATA / "junit-10-testcase-properties.xsd"
 FAKE_NVML_DIR = support.FAKE_NVML_DIR
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def require_tool(*names: str, debian_package: str) -> str:
@@ -44,15 +51,20 @@ def require_tool(*names: str, debian_package: str) -> str:
 
 def assert_schema_valid(*paths: Path) -> None:
     xmllint = require_tool("xmllint", debian_package="libxml2-utils")
-    result = subprocess.run([xmllint, "--noout", "--schema", str(SCHEMA), *map(str, paths)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [xmllint, "--noout", "--schema", str(SCHEMA), *map(str, paths)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
 def chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
     binary = require_tool("chromium", "chromium-browser", debian_package="chromium")
-    result = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
@@ -140,9 +152,20 @@ def test_needs_eight_gpus():
     pytest.skip("needs 8 GPUs; this node has fewer")
 """
 
-FAKE_H100S = {"driver": "550.54.15", "cuda": 12040, "gpus": [
-    {"name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-0000000{i}", "bus_id": f"00000000:1{i}:00.0",
-     "memory_gib": 80, "cc": [9, 0]} for i in range(2)]}
+FAKE_H100S = {
+    "driver": "550.54.15",
+    "cuda": 12040,
+    "gpus": [
+        {
+            "name": "NVIDIA H100 80GB HBM3",
+            "uuid": f"GPU-0000000{i}",
+            "bus_id": f"00000000:1{i}:00.0",
+            "memory_gib": 80,
+            "cc": [9, 0],
+        }
+        for i in range(2)
+    ],
+}
 
 
 def test_two_nodes_merged_page_renders_in_chromium(pytester, monkeypatch, tmp_path):
@@ -158,20 +181,32 @@ def test_two_nodes_merged_page_renders_in_chromium(pytester, monkeypatch, tmp_pa
             monkeypatch.delenv("FAKE_NVML")
             monkeypatch.delenv("PYTHONPATH", raising=False)
         reports[node] = pytester.path / f"junit-{node}.xml"
-        result = pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", "-p", "no:randomly",
-                                               f"--junitxml={reports[node]}", "-o", "junit_logging=system-out",
-                                               "test_checkpointing.py", "test_amp.py")
+        result = pytester.runpytest_subprocess(
+            "--gpuconform",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            f"--junitxml={reports[node]}",
+            "-o",
+            "junit_logging=system-out",
+            "test_checkpointing.py",
+            "test_amp.py",
+        )
         # The terminal summary: area x (device, dtype, world size), and where the JUnit file is.
-        result.stdout.fnmatch_lines([
-            "*gpuconform summary*",
-            "area*device*dtype*ws*pass*fail*error*skip*key numbers",
-            "amp *-*bf16*1*1*0*0*0*out_rel_l2=0.004<=0.016",
-            "amp *-*fp16*1*1*0*0*0*out_rel_l2=0.004<=0.016",
-            "amp *-*[*]*[*]*0*0*0*1*skipped: needs 8 GPUs; this node has fewer",
-            "checkpointing *-*-*1*2*0*0*0*activation_ratio=0.3<=0.5" if node == "node-a" else
-            "checkpointing *-*-*1*0*1*0*0*activation_ratio=0.9>0.5!",
-            f"JUnit XML: {reports[node]}",
-        ])
+        result.stdout.fnmatch_lines(
+            [
+                "*gpuconform summary*",
+                "area*device*dtype*ws*pass*fail*error*skip*key numbers",
+                "amp *-*bf16*1*1*0*0*0*out_rel_l2=0.004<=0.016",
+                "amp *-*fp16*1*1*0*0*0*out_rel_l2=0.004<=0.016",
+                "amp *-*[*]*[*]*0*0*0*1*skipped: needs 8 GPUs; this node has fewer",
+                "checkpointing *-*-*1*2*0*0*0*activation_ratio=0.3<=0.5"
+                if node == "node-a"
+                else "checkpointing *-*-*1*0*1*0*0*activation_ratio=0.9>0.5!",
+                f"JUnit XML: {reports[node]}",
+            ]
+        )
         assert result.ret == (0 if node == "node-a" else 1)
     assert_schema_valid(*reports.values())  # what pytest --gpuconform wrote
 
@@ -199,10 +234,19 @@ def test_two_nodes_merged_page_renders_in_chromium(pytester, monkeypatch, tmp_pa
     assert seen.inventory["node-a"][1:3] == ["2 × NVIDIA H100 80GB HBM3", "550.54.15"]
     assert seen.inventory["node-b"][1:3] == ["none", "—"]
     assert "AssertionError: activation_ratio 0.9 &gt; bound 0.5" in dom  # the failure's one-line reason
-    bars = {(s["data-node"], s["data-measure"]): (s["data-value"], s["fill"]) for s in seen.shapes if s.get("class") == "bar"}
-    assert bars == {("node-a", "activation_ratio"): ("0.3", "#2e7d32"), ("node-b", "activation_ratio"): ("0.9", "#c62828")}
+    bars = {
+        (s["data-node"], s["data-measure"]): (s["data-value"], s["fill"])
+        for s in seen.shapes
+        if s.get("class") == "bar"
+    }
+    assert bars == {
+        ("node-a", "activation_ratio"): ("0.3", "#2e7d32"),
+        ("node-b", "activation_ratio"): ("0.9", "#c62828"),
+    }
     dots = sorted((s["data-node"], s["data-check"]) for s in seen.shapes if s.get("class") == "dot")
-    assert dots == sorted((node, f"test_block_matches_fp32[{d}]") for node in ("node-a", "node-b") for d in ("fp16", "bf16"))
+    assert dots == sorted(
+        (node, f"test_block_matches_fp32[{d}]") for node in ("node-a", "node-b") for d in ("fp16", "bf16")
+    )
     assert seen.loads == [] and "script" not in seen.tags  # self-contained, even after Chromium ran it
 
     shot = tmp_path / "report.png"
@@ -221,14 +265,27 @@ def test_page_from_pytest_shaped_files(tmp_path):
     assert seen.cells[("test_all_reduce[ws2-cuda-fp32]", "node-b")] == "error"
     assert seen.cells[("test_all_reduce[ws2-cuda-fp32]", "node-a")] == "passed"
     assert [check.area for check in model.checks] == ["checkpointing", "amp", "collectives", "collectives"]
-    assert seen.inventory["node-a"][:7] == ["node-a", "2 × NVIDIA H100 80GB HBM3", "570.86.15", "12.8 / 12.8",
-                                            "2.13.0+cu128", "2.27.5", "91000"]
+    assert seen.inventory["node-a"][:7] == [
+        "node-a",
+        "2 × NVIDIA H100 80GB HBM3",
+        "570.86.15",
+        "12.8 / 12.8",
+        "2.13.0+cu128",
+        "2.27.5",
+        "91000",
+    ]
     assert seen.inventory["node-b"][1:3] == ["1 × NVIDIA A100-SXM4-40GB", "550.54.15"]
-    assert 'failed on setup with "RuntimeError: needs 2 GPUs for ws2, rank 1 has no device"' in html.replace("&#34;", '"')
+    assert 'failed on setup with "RuntimeError: needs 2 GPUs for ws2, rank 1 has no device"' in html.replace(
+        "&#34;", '"'
+    )
     measures = {(s["data-node"], s["data-measure"], s["class"]) for s in seen.shapes}
-    assert {("node-a", "activation_ratio", "bar"), ("node-b", "activation_ratio", "bar"),
-            ("node-a", "memory_ratio", "bar"), ("node-a", "out_rel_l2", "dot"),
-            ("node-a", "busbw_GBps", "dot")} <= measures
+    assert {
+        ("node-a", "activation_ratio", "bar"),
+        ("node-b", "activation_ratio", "bar"),
+        ("node-a", "memory_ratio", "bar"),
+        ("node-a", "out_rel_l2", "dot"),
+        ("node-a", "busbw_GBps", "dot"),
+    } <= measures
     assert ("node-b", "busbw_GBps", "dot") not in measures  # node-b recorded none
     assert 'id="chart-bounds-bf16"' in html and 'id="chart-bounds-fp32"' in html
 
@@ -236,13 +293,17 @@ def test_page_from_pytest_shaped_files(tmp_path):
 def test_ranks_of_one_host_fold_into_its_column(tmp_path):
     base = (DATA / "junit-node-a.xml").read_text()
     (tmp_path / "junit-node-a-r0.xml").write_text(base)
-    broken = base.replace('<system-out>[gpuconform] host=node-a gpu=GPU-aaaa</system-out>',
-                          '<failure message="activation ratio 0.9 &gt; bound 0.5">trace</failure>')
+    broken = base.replace(
+        "<system-out>[gpuconform] host=node-a gpu=GPU-aaaa</system-out>",
+        '<failure message="activation ratio 0.9 &gt; bound 0.5">trace</failure>',
+    )
     (tmp_path / "junit-node-a-r1.xml").write_text(broken)
     model = report.build_model([str(tmp_path / "junit-node-a-r0.xml"), str(tmp_path / "junit-node-a-r1.xml")])
     (node,) = model.nodes
     assert (node.label, node.rank_text()) == ("node-a", "2: r0–r1")
-    cell = model.cells[(("pytest_gpuconform.conformance.test_checkpointing", "test_activation_memory[cuda-fp32]"), "node-a")]
+    cell = model.cells[
+        (("pytest_gpuconform.conformance.test_checkpointing", "test_activation_memory[cuda-fp32]"), "node-a")
+    ]
     assert (cell.outcome, cell.reason) == ("failed", "rank 1: activation ratio 0.9 > bound 0.5")
 
 
@@ -252,15 +313,17 @@ def test_text_from_the_reports_is_escaped(tmp_path):
         '<testsuite name="pytest" tests="1" failures="1" errors="0"><properties>'
         '<property name="gpuconform.host" value="&lt;img src=x&gt;"/></properties>'
         '<testcase classname="test_x" name="test_&lt;b&gt;[1]">'
-        '<failure message="&lt;script&gt;alert(1)&lt;/script&gt;"/></testcase></testsuite>')
+        '<failure message="&lt;script&gt;alert(1)&lt;/script&gt;"/></testcase></testsuite>'
+    )
     html = report.render(report.build_model([str(hostile)]), "<title>")
     seen = read_page(html)
     assert "script" not in seen.tags and "img" not in seen.tags and seen.loads == []
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;img src=x&gt;" in html
 
 
-@pytest.mark.parametrize("content, expected", [("", "is empty (0 bytes)"),
-                                               ('<testsuites><testsuite name="x"', "not well-formed XML")])
+@pytest.mark.parametrize(
+    "content, expected", [("", "is empty (0 bytes)"), ('<testsuites><testsuite name="x"', "not well-formed XML")]
+)
 def test_bad_input_is_named_exit_2_and_no_page(tmp_path, capsys, content, expected):
     bad = tmp_path / "junit-bad.xml"
     bad.write_text(content)

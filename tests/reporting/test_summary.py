@@ -27,15 +27,26 @@ def test_context_keys_match_the_properties_the_plugin_attaches():
 
 
 def test_naming_rule_pairs_bounds_and_picks_ratios():
-    found = {m.name: m for m in measures.measures([
-        ("feature", "amp"), ("world_size", 2),            # context, never measurements
-        ("out_rel_l2", "0.02"), ("out_rel_l2_bound", "0.016"),   # upper bound, exceeded
-        ("busbw_GBps", 150.0), ("busbw_GBps_min", 200.0),        # floor, missed
-        ("activation_ratio", 0.3),                                # ratio without bound
-        ("max_abs_err", 0.0), ("max_abs_err_tol", 1e-5),          # exact zero within
-        ("loss_rel", "nan"), ("loss_rel_max", 1e-3),              # NaN is never within
-        ("time_us", 12.5), ("torch_version", "2.13.0"),           # plain number; text
-    ])}
+    found = {
+        m.name: m
+        for m in measures.measures(
+            [
+                ("feature", "amp"),
+                ("world_size", 2),  # context, never measurements
+                ("out_rel_l2", "0.02"),
+                ("out_rel_l2_bound", "0.016"),  # upper bound, exceeded
+                ("busbw_GBps", 150.0),
+                ("busbw_GBps_min", 200.0),  # floor, missed
+                ("activation_ratio", 0.3),  # ratio without bound
+                ("max_abs_err", 0.0),
+                ("max_abs_err_tol", 1e-5),  # exact zero within
+                ("loss_rel", "nan"),
+                ("loss_rel_max", 1e-3),  # NaN is never within
+                ("time_us", 12.5),
+                ("torch_version", "2.13.0"),  # plain number; text
+            ]
+        )
+    }
     assert set(found) == {"out_rel_l2", "busbw_GBps", "activation_ratio", "max_abs_err", "loss_rel", "time_us"}
     assert found["out_rel_l2"].within is False and found["out_rel_l2"].describe() == "out_rel_l2=0.02>0.016!"
     assert found["busbw_GBps"].kind == "lower" and found["busbw_GBps"].describe() == "busbw_GBps=150<200!"
@@ -47,15 +58,30 @@ def test_naming_rule_pairs_bounds_and_picks_ratios():
 
 
 def test_naming_rule_loose_bounds_cover_measures_that_contain_their_words():
-    found = {m.name: m for m in measures.measures([
-        ("output_rel_l2", 1e-4), ("max_grad_rel_l2", 7e-4), ("rel_l2_bound", 5e-3),   # as test_amp records
-        ("max_rel_l2_vs_single_process", 0.03), ("bound_rel_l2", 0.02),               # as test_ddp records
-        ("max_abs_diff", 1e-8), ("bound_rtol", 1.3e-6),        # no measure named *rtol*: bound only
-        ("err_max", 3.0),                                      # _max pairs exactly only: a measurement
-        ("relative", 1.0),                                     # 'rel' is not the word 'rel_l2'
-    ])}
-    assert set(found) == {"output_rel_l2", "max_grad_rel_l2", "max_rel_l2_vs_single_process",
-                          "max_abs_diff", "err_max", "relative"}
+    found = {
+        m.name: m
+        for m in measures.measures(
+            [
+                ("output_rel_l2", 1e-4),
+                ("max_grad_rel_l2", 7e-4),
+                ("rel_l2_bound", 5e-3),  # as test_amp records
+                ("max_rel_l2_vs_single_process", 0.03),
+                ("bound_rel_l2", 0.02),  # as test_ddp records
+                ("max_abs_diff", 1e-8),
+                ("bound_rtol", 1.3e-6),  # no measure named *rtol*: bound only
+                ("err_max", 3.0),  # _max pairs exactly only: a measurement
+                ("relative", 1.0),  # 'rel' is not the word 'rel_l2'
+            ]
+        )
+    }
+    assert set(found) == {
+        "output_rel_l2",
+        "max_grad_rel_l2",
+        "max_rel_l2_vs_single_process",
+        "max_abs_diff",
+        "err_max",
+        "relative",
+    }
     assert found["output_rel_l2"].bound == found["max_grad_rel_l2"].bound == 5e-3
     # A measure takes the first loose bound it matches, in recording order.
     assert found["max_rel_l2_vs_single_process"].bound == 5e-3
@@ -63,27 +89,43 @@ def test_naming_rule_loose_bounds_cover_measures_that_contain_their_words():
 
 
 def test_phases_fold_into_one_outcome_per_test():
-    tests = outcomes_from_reports([
-        report("t.py::a", "setup", "passed"), report("t.py::a", "call", "passed"),
-        report("t.py::a", "teardown", "failed"),                      # teardown error wins
-        report("t.py::b", "setup", "passed"), report("t.py::b", "call", "failed"),
-        report("t.py::c", "setup", "skipped"),
-        report("t.py::d", "setup", "passed"), report("t.py::d", "call", "passed"),
-        SimpleNamespace(message="a warning"),                          # not a test report
-    ])
+    tests = outcomes_from_reports(
+        [
+            report("t.py::a", "setup", "passed"),
+            report("t.py::a", "call", "passed"),
+            report("t.py::a", "teardown", "failed"),  # teardown error wins
+            report("t.py::b", "setup", "passed"),
+            report("t.py::b", "call", "failed"),
+            report("t.py::c", "setup", "skipped"),
+            report("t.py::d", "setup", "passed"),
+            report("t.py::d", "call", "passed"),
+            SimpleNamespace(message="a warning"),  # not a test report
+        ]
+    )
     assert {t.nodeid: t.outcome for t in tests} == {
-        "t.py::a": "error", "t.py::b": "failed", "t.py::c": "skipped", "t.py::d": "passed"}
+        "t.py::a": "error",
+        "t.py::b": "failed",
+        "t.py::c": "skipped",
+        "t.py::d": "passed",
+    }
 
 
 def test_table_rows_counts_and_worst_key_numbers():
     amp = dict(feature="amp", device="cpu", dtype="bf16")
     tests = [
-        CaseOutcome("test_amp.py::x[cpu-bf16]", "passed", list(dict(amp, out_rel_l2=0.004, out_rel_l2_bound=0.016).items())),
-        CaseOutcome("test_amp.py::y[cpu-bf16]", "failed", list(dict(amp, out_rel_l2=0.03, out_rel_l2_bound=0.016).items())),
+        CaseOutcome(
+            "test_amp.py::x[cpu-bf16]", "passed", list(dict(amp, out_rel_l2=0.004, out_rel_l2_bound=0.016).items())
+        ),
+        CaseOutcome(
+            "test_amp.py::y[cpu-bf16]", "failed", list(dict(amp, out_rel_l2=0.03, out_rel_l2_bound=0.016).items())
+        ),
         CaseOutcome("test_amp.py::z[cpu-bf16]", "skipped", list(amp.items())),
-        CaseOutcome("test_ddp.py::w[ws2-cpu]", "passed",
-                    [("feature", "ddp"), ("device", "cpu"), ("world_size", 2), ("grad_ratio", 1.0)]),
-        CaseOutcome("tests/test_mine.py::v", "error", []),              # no properties at all
+        CaseOutcome(
+            "test_ddp.py::w[ws2-cpu]",
+            "passed",
+            [("feature", "ddp"), ("device", "cpu"), ("world_size", 2), ("grad_ratio", 1.0)],
+        ),
+        CaseOutcome("tests/test_mine.py::v", "error", []),  # no properties at all
     ]
     lines = summary_lines(tests, "reports/junit.xml")
     header, *rows, junit = lines
@@ -106,8 +148,12 @@ def test_many_key_numbers_are_cut_to_the_worst_three():
 
 def test_empty_run_and_missing_junit_path_are_said_plainly():
     assert summary_lines_from_stats({}, None, None) == [
-        "no tests ran", "JUnit XML: not written (add --junitxml=PATH to keep the measured numbers)"]
-    lines = summary_lines_from_stats({"passed": [report("t.py::a", "call", "passed")]}, "j.xml", "reports/junit-cluster.xml")
+        "no tests ran",
+        "JUnit XML: not written (add --junitxml=PATH to keep the measured numbers)",
+    ]
+    lines = summary_lines_from_stats(
+        {"passed": [report("t.py::a", "call", "passed")]}, "j.xml", "reports/junit-cluster.xml"
+    )
     assert lines[-1].startswith("merged cluster JUnit XML: /") and lines[-1].endswith("junit-cluster.xml")
 
 
@@ -117,8 +163,10 @@ def test_rows_that_only_skipped_fold_per_area_and_device_with_their_reason():
         rep.longrepr = ("conformance/test_amp.py", 10, f"Skipped: {reason}")
         return rep
 
-    reports = [skipped(f"test_amp.py::t[cuda-{d}]", "needs a GPU; no NVIDIA driver", feature="amp", device="cuda", dtype=d)
-               for d in ("fp16", "bf16")]
+    reports = [
+        skipped(f"test_amp.py::t[cuda-{d}]", "needs a GPU; no NVIDIA driver", feature="amp", device="cuda", dtype=d)
+        for d in ("fp16", "bf16")
+    ]
     reports += [skipped("test_amp.py::u[cuda-bf16]", "needs bf16", feature="amp", device="cuda", dtype="bf16")]
     reports += [report("test_amp.py::t[cpu-bf16]", "call", "passed", feature="amp", device="cpu", dtype="bf16")]
     header, ran, folded, _ = summary_lines_from_stats({"skipped": reports[:3], "passed": reports[3:]}, None)

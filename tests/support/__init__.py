@@ -16,5 +16,11 @@ FAKE_NVML_DIR = TESTS / "fake_nvml"
 
 def h100(index: int, **extra) -> dict:
     """One H100 SXM as the fake NVML describes it (tests/fake_nvml/pynvml.py)."""
-    return {"name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-{index:08d}-aaaa-bbbb-cccc-{index:012d}",
-            "bus_id": f"00000000:{0x18 + index:02X}:00.0", "memory_gib": 80, "cc": [9, 0], **extra}
+    return {
+        "name": "NVIDIA H100 80GB HBM3",
+        "uuid": f"GPU-{index:08d}-aaaa-bbbb-cccc-{index:012d}",
+        "bus_id": f"00000000:{0x18 + index:02X}:00.0",
+        "memory_gib": 80,
+        "cc": [9, 0],
+        **extra,
+    }

@@ -24,8 +24,9 @@ class CaseResult:
     text: str  # failure message and text ("" when passed)
 
 
-def run_faulted(directory: Path, modules: dict[str, str], selection: list[str],
-                timeout: float = 60) -> dict[str, CaseResult]:
+def run_faulted(
+    directory: Path, modules: dict[str, str], selection: list[str], timeout: float = 60
+) -> dict[str, CaseResult]:
     """Write the fault modules into ``directory``, run the selected node ids in one pytest
     subprocess, return {"module::test[id]": result}.
 
@@ -34,8 +35,18 @@ def run_faulted(directory: Path, modules: dict[str, str], selection: list[str],
     for name, source in modules.items():
         (directory / f"{name}.py").write_text(textwrap.dedent(source))
     report = directory / "faults.xml"
-    command = [sys.executable, "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider", "-q",
-               f"--junitxml={report}", f"--gpuconform-timeout={timeout}", *selection]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--gpuconform",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        f"--junitxml={report}",
+        f"--gpuconform-timeout={timeout}",
+        *selection,
+    ]
     done = subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=timeout * len(selection))
     cases = _read_cases(report) if report.exists() else {}
     assert cases, f"no test ran:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"

@@ -96,7 +96,10 @@ def _init_process_group(torch, spec: RankSpec) -> None:
 
     store = dist.FileStore(spec.store_path, spec.world_size)
     dist.init_process_group(
-        spec.backend, store=store, rank=spec.rank, world_size=spec.world_size,
+        spec.backend,
+        store=store,
+        rank=spec.rank,
+        world_size=spec.world_size,
         timeout=timedelta(seconds=spec.pg_timeout),
     )
 
@@ -111,8 +114,10 @@ def _unpickle(what: str, data: bytes):
     try:
         return pickle.loads(data)
     except Exception as exc:
-        raise UnpicklableInRank(f"{what} could not be rebuilt in the rank ({type(exc).__name__}: {exc}); "
-                                "its class must be importable from a module the rank can import") from None
+        raise UnpicklableInRank(
+            f"{what} could not be rebuilt in the rank ({type(exc).__name__}: {exc}); "
+            "its class must be importable from a module the rank can import"
+        ) from None
 
 
 def _short(exc: BaseException) -> str:
@@ -161,8 +166,14 @@ def run_one(request: RunTest, spec: RankSpec, state: _GlobalState, device) -> Ra
                 state.torch.cuda.empty_cache()
             except RuntimeError as exc:  # a broken context: the next test's synchronize reports it
                 print(f"gpuconform: empty_cache failed after the test: {exc}", file=sys.stderr)
-    return RankReport(spec.rank, outcome, message=message, traceback=text,
-                      records=list(records), duration=time.perf_counter() - started)
+    return RankReport(
+        spec.rank,
+        outcome,
+        message=message,
+        traceback=text,
+        records=list(records),
+        duration=time.perf_counter() - started,
+    )
 
 
 def _die_with_controller() -> None:
@@ -176,8 +187,7 @@ def _die_with_controller() -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
-        print("gpuconform: prctl(PR_SET_PDEATHSIG) unavailable; ranks may outlive a killed controller",
-              file=sys.stderr)
+        print("gpuconform: prctl(PR_SET_PDEATHSIG) unavailable; ranks may outlive a killed controller", file=sys.stderr)
 
 
 def main(spec: RankSpec, conn) -> None:
