@@ -53,6 +53,19 @@ def fixture_definitions(item: pytest.Function, name: str) -> tuple[Any, ...]:
     return tuple(item._fixtureinfo.name2fixturedefs.get(name, ()))
 
 
+def unresolved_fixtures(item: pytest.Item) -> set[str]:
+    """Names a test requests (directly or through other fixtures) that no plugin or
+    conftest defines: pytest will fail its setup with "fixture '...' not found".
+
+    Why: when pytest-gpuconform is installed but not enabled, a test that uses its fixtures
+    gets that bare error; the plugin adds how to enable it.
+    """
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return set()
+    return {name for name in info.names_closure if name not in info.name2fixturedefs and name != "request"}
+
+
 def skip_at_item_location(reason: str) -> BaseException:
     """A skip exception reported at the test's own location, not at the raising frame.
 

@@ -37,6 +37,34 @@ MARKERS = (
 )
 
 
+# The plugin's own fixtures (fixtures.py) and the markers no other project is likely to use
+# for something else (``gpu`` is: other suites have their own): a test that uses them in a
+# run without --gpuconform is told how to enable the plugin. tests/plugin/test_inert.py
+# holds FIXTURES to fixtures.py.
+FIXTURES = frozenset(
+    {
+        "device",
+        "dtype",
+        "world_size",
+        "rank",
+        "process_group",
+        "gpu",
+        "tolerance",
+        "tolerance_table",
+        "record",
+        "gpuconform_settings",
+        "node_inventory",
+        "expect_gpus",
+        "perf_floors",
+        "health_watch",
+        "memory_meter",
+    }
+)
+OWN_MARKERS = ("world_size", "dtype")
+ENABLE_HINT = "pytest-gpuconform is installed but not enabled: add --gpuconform (or ini gpuconform = true)"
+_USERS_KEY: pytest.StashKey[list[str]] = pytest.StashKey()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     options.add_options(parser)
 
@@ -102,6 +130,43 @@ def _start(config: pytest.Config) -> None:
     register(watch, HealthWatch.PLUGIN_NAME)
     register(BaselineState(settings, inventory), "gpuconform-baseline")
     config.pluginmanager.import_plugin("pytest_gpuconform.fixtures")
+
+
+# -- not enabled: a hint for tests that need the plugin ---------------------------------------
+def _needs_plugin(item: pytest.Item) -> bool:
+    from . import compat
+
+    return any(item.get_closest_marker(name) for name in OWN_MARKERS) or bool(
+        compat.unresolved_fixtures(item) & FIXTURES
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not options.is_enabled(config):
+        config.stash[_USERS_KEY] = [item.nodeid for item in items if _needs_plugin(item)]
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
+    users = config.stash.get(_USERS_KEY, [])
+    if not users:
+        return []
+    return [
+        f"gpuconform: {len(users)} test(s) use the markers or fixtures of pytest-gpuconform "
+        f"(first: {users[0]}); {ENABLE_HINT}"
+    ]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    if report.when == "setup" and report.failed and item.nodeid in item.config.stash.get(_USERS_KEY, ()):
+        from . import compat
+
+        missing = sorted(compat.unresolved_fixtures(item) & FIXTURES)
+        if missing:
+            report.sections.append(("pytest-gpuconform", f"fixture(s) {', '.join(missing)}: {ENABLE_HINT}"))
+    return report
 
 
 # xdist resolves "-n auto" in its pytest_cmdline_main, before pytest_configure registers

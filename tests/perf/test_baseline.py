@@ -94,3 +94,17 @@ def test_corrupt_baseline_and_bad_fraction_are_usage_errors(pytester, tmp_path):
     result = pytester.runpytest_inprocess("--gpuconform", "--gpuconform-regression-fraction", "1.5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*expected a fraction between 0 and 1 (exclusive), got 1.5*"])
+
+
+def test_saved_line_stands_on_its_own_and_says_why_nothing_was_saved(pytester, run_gpuconform):
+    """On a CPU node the performance checks measure nothing: the terminal says so, on its own line."""
+    pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
+    result = run_gpuconform("--gpuconform-save-baseline", "base.json")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "gpuconform: wrote a baseline with 0 numbers to base.json: this node has no GPU, so no performance check "
+            "measured anything",
+        ]
+    )
+    assert json.loads((pytester.path / "base.json").read_text())["metrics"] == {}

@@ -173,3 +173,12 @@ def test_rows_that_only_skipped_fold_per_area_and_device_with_their_reason():
     assert ran.split()[:8] == ["amp", "cpu", "bf16", "1", "1", "0", "0", "0"]
     assert folded.split()[:8] == ["amp", "cuda", "*", "*", "0", "0", "0", "3"]
     assert folded.endswith("skipped: needs a GPU; no NVIDIA driver (+1 other reasons)")
+
+
+def test_representative_skip_reason_is_the_commonest_then_alphabetical():
+    """The same run reads the same every time: no dependence on which skip came first."""
+    reasons = ["b: needs 4 ranks", "a: needs a GPU", "b: needs 4 ranks", "a: needs a GPU", "c: other"]
+    for order in (reasons, list(reversed(reasons))):
+        tests = [CaseOutcome(f"test_x.py::t{i}[cuda]", "skipped", [("device", "cuda")], r) for i, r in enumerate(order)]
+        (row,) = summary_lines(tests, None)[1:-1]
+        assert row.endswith("skipped: a: needs a GPU (+2 other reasons)"), row
