@@ -99,8 +99,10 @@ def _start(config: pytest.Config) -> None:
     if world is not None:
         world = dataclasses.replace(world, backend="nccl" if inventory.node.count else "gloo")
     register = config.pluginmanager.register
+    watch = HealthWatch(config, inventory.node)
+    config.stash[WATCH_KEY] = watch
     if config.pluginmanager.hasplugin("xdist"):
-        glue = XdistGlue(config)
+        glue = XdistGlue(config, watch.handoff)
         glue.check_usage(world, inventory.node)
         register(glue, XdistGlue.PLUGIN_NAME)
     if world is not None:
@@ -125,8 +127,6 @@ def _start(config: pytest.Config) -> None:
             ClusterMode.PLUGIN_NAME,
         )
     register(ReportingPlugin(config, settings, inventory), ReportingPlugin.PLUGIN_NAME)
-    watch = HealthWatch(config, inventory.node)
-    config.stash[WATCH_KEY] = watch
     register(watch, HealthWatch.PLUGIN_NAME)
     register(BaselineState(settings, inventory), "gpuconform-baseline")
     config.pluginmanager.import_plugin("pytest_gpuconform.fixtures")

@@ -15,6 +15,9 @@ and answered by ``XdistGlue.auto_num_workers``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 
@@ -41,8 +44,9 @@ class XdistRole:
 class XdistGlue:
     PLUGIN_NAME = "gpuconform-xdist"
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, worker_input: Callable[[], dict[str, Any]]) -> None:
         self.config = config
+        self.worker_input = worker_input  # what every worker gets from the controller (health/watch.py)
 
     @staticmethod
     def auto_num_workers() -> int | None:
@@ -78,6 +82,4 @@ class XdistGlue:
     def pytest_configure_node(self, node) -> None:
         """Give each worker the run's GPUs and the controller's health snapshot: a worker's
         own view is pinned to one GPU, and the comparison at the end needs the start."""
-        from .health.watch import WATCH_KEY, WORKERINPUT_KEY
-
-        node.workerinput[WORKERINPUT_KEY] = self.config.stash[WATCH_KEY].handoff()
+        node.workerinput.update(self.worker_input())

@@ -69,9 +69,10 @@ class HealthWatch:
         self._register_xid_events()
 
     def handoff(self) -> dict:
-        """What an xdist worker needs from the controller (see xdist_glue.py)."""
+        """What an xdist worker needs from the controller, as its ``workerinput`` (xdist_glue.py)."""
         self.ensure_started()
-        return {"uuids": self.uuids, "start": [g.as_dict() for g in self.start or []], "start_error": self.start_error}
+        start = [g.as_dict() for g in self.start or []]
+        return {WORKERINPUT_KEY: {"uuids": self.uuids, "start": start, "start_error": self.start_error}}
 
     def _register_xid_events(self) -> None:
         try:

@@ -1,6 +1,5 @@
 """Installed but not enabled, the plugin must change nothing in other projects' runs."""
 
-
 CONFTEST_SPY = """
 import sys
 
