@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pytest_gpuconform.checks import gather_float, integer_values, measure_bandwidth, value_range
+from pytest_gpuconform.checks import ExactTally, gather_float, integer_values, measure_bandwidth, value_range
 
 ELEMENT_TYPES = {
     "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -67,6 +67,8 @@ def _largest_gpu_count(itemsize: int, device: torch.device, world_size: int) -> 
 
 
 def describe(what: str, element_type: str, count: int, async_op: bool = False) -> str:
+    """``all_gather fp16 x1031 (2062 B) async_op=True``: the count is the per-rank block a
+    collective is sized by (the mismatch that follows gives the compared tensor's length)."""
     nbytes = count * ELEMENT_TYPES[element_type].itemsize
     return f"{what} {element_type} x{count} ({nbytes} B){' async_op=True' if async_op else ''}"
 
@@ -118,6 +120,16 @@ def check_every_size(tally, element_type: str, device, world_size: int, check: s
         for async_op in modes:
             for got, want, label in run_once(count, 2 * count + async_op, async_op):
                 tally.expect(got, want, describe(check + label, element_type, count, async_op))
+
+
+def verify_every_size(check: str, run_once, element_type: str, rank: int, world_size: int, device, record,
+                      modes=MODES, described_as: str | None = None) -> None:
+    """The whole of an exact collective check: ``check_every_size`` into a fresh tally, then
+    one verdict named ``check`` that every rank raises together (results are described as
+    ``described_as``, by default the check's name)."""
+    tally = ExactTally()
+    check_every_size(tally, element_type, device, world_size, described_as or check, run_once, modes)
+    tally.verdict(check, rank, world_size, record)
 
 
 def split_size(count: int, sender: int, receiver: int, splits: str) -> int:

@@ -91,9 +91,8 @@ def compare_with_reference(ddp_model, reference_model, judge, rank, world_size, 
 
 # The comparisons a DDP check makes; a failure shows the first problem of each, so that
 # one loud symptom (every grad off) does not hide a second one (ranks drifting apart).
-PROBLEM_KINDS = ("vs single process", "bitwise equal to rank 0", "vs default DDP",
-                 "after no_sync backward", "after synced backward", "after the synced step",
-                 "total norm", "after wrapping", "after forward")
+PROBLEM_KINDS = ("total norm", "vs default DDP", "after no_sync backward", "after synced backward",
+                 "after the synced step", "after join", "vs single process", "bitwise equal to rank 0")
 
 
 def verdict(problems: list[str], rank, world_size, check: str) -> None:

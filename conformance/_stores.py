@@ -10,7 +10,6 @@ share; across hosts that cannot be assumed).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import tempfile
@@ -43,11 +42,10 @@ def tcp_store(rank: int, world_size: int) -> dist.TCPStore:
 
 
 def _reachable_address(same_host: bool) -> str:
-    """Where the other ranks can reach rank 0: loopback on one host, else the launcher's
-    MASTER_ADDR (torchrun and the srun templates set it), else rank 0's host name."""
-    if same_host:
-        return "127.0.0.1"
-    return os.environ.get("MASTER_ADDR") or socket.getfqdn()
+    """Where the other ranks can reach rank 0: loopback on one host, else rank 0's fully
+    qualified host name (the server listens on every interface). Not MASTER_ADDR: under
+    torchrun's c10d rendezvous it names the rendezvous host, which need not run rank 0."""
+    return "127.0.0.1" if same_host else socket.getfqdn()
 
 
 def shared_directory(rank: int, world_size: int) -> str | None:

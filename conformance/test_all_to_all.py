@@ -13,12 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pytest_gpuconform.checks import ExactTally
-
 from ._collective_cases import (
     ELEMENT_TYPES,
     WORLD_SIZES,
-    check_every_size,
+    verify_every_size,
     finish,
     record_bandwidth,
     routed_block,
@@ -49,9 +47,8 @@ def test_all_to_all_single(element_type, splits, rank, world_size, device, recor
         finish(dist.all_to_all_single(output, torch.cat(sends), async_op=async_op, **sizes), async_op)
         yield output, expected, f"({splits} splits)"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "all_to_all_single", run_once)
-    tally.verdict(f"all_to_all_single({splits})", rank, world_size, record)
+    verify_every_size(f"all_to_all_single({splits})", run_once, element_type, rank, world_size, device, record,
+                      described_as="all_to_all_single")
     if splits == "even":
         def make_run(count):
             source = torch.zeros(world_size * count, dtype=dtype, device=device)
@@ -80,6 +77,5 @@ def test_all_to_all(element_type, splits, rank, world_size, device, record):
         for peer, (got, want) in enumerate(zip(slots, expected)):
             yield got, want, f"(list form, {splits} splits, slot {peer})"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "all_to_all", run_once)
-    tally.verdict(f"all_to_all({splits})", rank, world_size, record)
+    verify_every_size(f"all_to_all({splits})", run_once, element_type, rank, world_size, device, record,
+                      described_as="all_to_all")

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from pytest_gpuconform.checks import (
-    ExactTally,
     bit_patterns,
     exact_integer_bound,
     integer_values,
@@ -32,7 +31,7 @@ from ._collective_cases import (
     ELEMENT_TYPES,
     WORLD_SIZES,
     all_gather_single,
-    check_every_size,
+    verify_every_size,
     finish,
     record_bandwidth,
     reduce_scatter_single,
@@ -161,9 +160,7 @@ def test_all_reduce(element_type, op, rank, world_size, device, record):
         finish(dist.all_reduce(buffer, op=_reduce_op(op), async_op=async_op), async_op)
         yield buffer, _reduced(op, inputs, world_size).to(dtype), ""
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, f"all_reduce({op})", run_once)
-    tally.verdict(f"all_reduce({op})", rank, world_size, record)
+    verify_every_size(f"all_reduce({op})", run_once, element_type, rank, world_size, device, record)
     if op == "sum":
         def make_run(count):
             scratch = torch.zeros(count, dtype=dtype, device=device)
@@ -187,9 +184,7 @@ def test_broadcast(element_type, rank, world_size, device, record):
             finish(dist.broadcast(buffer, src=root, async_op=async_op), async_op)
             yield buffer, sent, f"(root={root})"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "broadcast", run_once)
-    tally.verdict("broadcast", rank, world_size, record)
+    verify_every_size("broadcast", run_once, element_type, rank, world_size, device, record)
 
     def make_run(count):
         scratch = torch.zeros(count, dtype=dtype, device=device)
@@ -216,9 +211,7 @@ def test_all_gather(element_type, rank, world_size, device, record):
         finish(dist.all_gather(slots, blocks[rank], async_op=async_op), async_op)
         yield torch.cat(slots), torch.cat(blocks), " (list form)"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "all_gather", run_once)
-    tally.verdict("all_gather", rank, world_size, record)
+    verify_every_size("all_gather", run_once, element_type, rank, world_size, device, record)
 
     def make_run(count):
         mine = torch.zeros(count, dtype=dtype, device=device)
@@ -248,9 +241,8 @@ def test_reduce_scatter(element_type, rank, world_size, device, record):
         finish(dist.reduce_scatter(output, list(mine.chunk(world_size)), async_op=async_op), async_op)
         yield output, expected, "(sum, list form)"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "reduce_scatter", run_once)
-    tally.verdict("reduce_scatter(sum)", rank, world_size, record)
+    verify_every_size("reduce_scatter(sum)", run_once, element_type, rank, world_size, device, record,
+                      described_as="reduce_scatter")
 
     def make_run(count):
         source = torch.zeros(world_size * count, dtype=dtype, device=device)

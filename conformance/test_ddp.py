@@ -136,13 +136,15 @@ def test_ddp_clip_grad_norm(foreach, rank, world_size, device, tolerance, record
     judge = fp32_judge(tolerance)
     problems, largest, _ = compare_with_reference(ddp(model(device), device), model(device), judge,
                                                   rank, world_size, device, before_step=clip)
+    norm_problems = []  # shown first: the norm is what this check adds to DDP's parity
     for step, (mine, reference) in enumerate(zip(norms[True], norms[False]), start=1):
         if not reference.item() > MAX_NORM:
-            problems.append(f"step {step}: reference total norm {reference.item():.4g} <= max_norm {MAX_NORM}: "
-                            "clipping did not act, the check proves nothing")
+            norm_problems.append(f"step {step}: reference total norm {reference.item():.4g} <= max_norm {MAX_NORM}: "
+                                 "clipping did not act, the check proves nothing")
         found = judge(mine, reference, f"step {step} total norm vs single process")
         across = same_on_all_ranks(mine, f"step {step} total norm", rank, world_size)
-        problems.extend(f for f in (found, across) if f)
+        norm_problems.extend(f for f in (found, across) if f)
+    problems = norm_problems + problems
     record("total_norm_step1", norms[True][0].item() if norms[True] else float("nan"))
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
     record_tolerance_used(judge, world_size, record)

@@ -62,7 +62,8 @@ def _check_dimension(mesh, dim, shape, rank, world_size, device, tally) -> None:
     tally.expect(mine, expected, f"mesh {shape} all_reduce(sum) along {name} (ranks {peers}) x{COUNT}")
     functional = funcol.wait_tensor(funcol.all_reduce(inputs[rank], "sum", (mesh, dim)))
     tally.expect(functional, expected, f"mesh {shape} funcol.all_reduce(sum, (mesh, {dim})) along {name}")
-    gathered = torch.empty(len(peers) * COUNT, device=device)
+    # Sized by the group the mesh gave, so a wrong group is reported, not a size error.
+    gathered = torch.empty(dist.get_world_size(group) * COUNT, device=device)
     all_gather_single()(gathered, inputs[rank], group=group)
     tally.expect(gathered, torch.cat([inputs[r] for r in peers]), f"mesh {shape} all_gather along {name}")
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pytest_gpuconform.checks import ExactTally, integer_values, value_range
+from pytest_gpuconform.checks import integer_values, value_range
 
-from ._collective_cases import ELEMENT_TYPES, WORLD_SIZES, check_every_size, routed_block, split_size
+from ._collective_cases import ELEMENT_TYPES, WORLD_SIZES, routed_block, split_size, verify_every_size
 
 BLOCKING_ONLY = (False,)
 
@@ -130,6 +130,5 @@ def test_functional_collectives(element_type, rank, world_size, device, record):
         if dtype.is_floating_point:
             yield from _autograd(funcol, group, dtype, rank, world_size, count, salt, device)
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "funcol", run_once, BLOCKING_ONLY)
-    tally.verdict("functional collectives", rank, world_size, record)
+    verify_every_size("functional collectives", run_once, element_type, rank, world_size, device, record,
+                      modes=BLOCKING_ONLY, described_as="funcol")

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pytest_gpuconform.checks import ExactTally, integer_values, value_range
+from pytest_gpuconform.checks import integer_values, value_range
 
-from ._collective_cases import ELEMENT_TYPES, WORLD_SIZES, check_every_size, record_bandwidth
+from ._collective_cases import ELEMENT_TYPES, WORLD_SIZES, record_bandwidth, verify_every_size
 
 BLOCKING_ONLY = (False,)
 FORWARD, BACKWARD = 0, 1
@@ -60,9 +60,8 @@ def test_send_recv(element_type, rank, world_size, device, record):
         reported = torch.tensor([-1 if sender is None else sender])
         yield reported, torch.tensor([predecessor]), f" ({predecessor}->{rank}) sender rank recv returned"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "send/recv ring", run_once, BLOCKING_ONLY)
-    tally.verdict("send/recv", rank, world_size, record)
+    verify_every_size("send/recv", run_once, element_type, rank, world_size, device, record,
+                      modes=BLOCKING_ONLY, described_as="send/recv ring")
 
 
 @pytest.mark.world_size(*WORLD_SIZES)
@@ -77,14 +76,14 @@ def test_isend_irecv(element_type, rank, world_size, device, record):
     def run_once(count, salt, async_op):
         outgoing = _message(count, dtype, rank, FORWARD, world_size, salt, device)
         incoming = _not_yet_received(count, dtype, rank, world_size, salt, device)
-        works = [dist.irecv(incoming, predecessor), dist.isend(outgoing.clone(), successor)]
+        works = [dist.irecv(incoming, predecessor), dist.isend(outgoing, successor)]
         for work in works:
             work.wait()
         yield incoming, _message(count, dtype, predecessor, FORWARD, world_size, salt, device), f" ({predecessor}->{rank})"
+        yield outgoing, _message(count, dtype, rank, FORWARD, world_size, salt, device), f" ({rank}->{successor}) sent buffer"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "isend/irecv ring", run_once, BLOCKING_ONLY)
-    tally.verdict("isend/irecv", rank, world_size, record)
+    verify_every_size("isend/irecv", run_once, element_type, rank, world_size, device, record,
+                      modes=BLOCKING_ONLY, described_as="isend/irecv ring")
 
 
 def _batch_exchange(ops):
@@ -116,9 +115,8 @@ def test_batch_isend_irecv(element_type, pattern, rank, world_size, device, reco
         _batch_exchange(ops)
         yield from received
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, f"batch_isend_irecv {pattern}", run_once, BLOCKING_ONLY)
-    tally.verdict(f"batch_isend_irecv({pattern})", rank, world_size, record)
+    verify_every_size(f"batch_isend_irecv({pattern})", run_once, element_type, rank, world_size, device, record,
+                      modes=BLOCKING_ONLY, described_as=f"batch_isend_irecv {pattern}")
     if pattern == "ring":
         def make_run(count):
             outgoing = torch.zeros(count, dtype=dtype, device=device)

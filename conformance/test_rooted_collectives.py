@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pytest_gpuconform.checks import ExactTally, integer_values, value_range
+from pytest_gpuconform.checks import integer_values, value_range
 
-from ._collective_cases import ELEMENT_TYPES, WORLD_SIZES, check_every_size, finish, record_bandwidth
+from ._collective_cases import ELEMENT_TYPES, WORLD_SIZES, finish, record_bandwidth, verify_every_size
 
 
 def _values(count, dtype, source, salt, device, divisor=1):
@@ -39,9 +39,8 @@ def test_reduce(element_type, rank, world_size, device, record):
             if rank == root:  # other ranks' buffers are unspecified after reduce
                 yield buffer, expected, f"(sum, root={root})"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "reduce", run_once)
-    tally.verdict("reduce(sum)", rank, world_size, record)
+    verify_every_size("reduce(sum)", run_once, element_type, rank, world_size, device, record,
+                      described_as="reduce")
 
     def make_run(count):
         scratch = torch.zeros(count, dtype=dtype, device=device)
@@ -67,9 +66,7 @@ def test_gather(element_type, rank, world_size, device, record):
                 yield torch.cat(slots), torch.cat(blocks), f"(root={root})"
             yield mine, blocks[rank], f"(root={root}) input after the call"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "gather", run_once)
-    tally.verdict("gather", rank, world_size, record)
+    verify_every_size("gather", run_once, element_type, rank, world_size, device, record)
 
     def make_run(count):
         mine = torch.zeros(count, dtype=dtype, device=device)
@@ -96,9 +93,7 @@ def test_scatter(element_type, rank, world_size, device, record):
             if rank == root:
                 yield torch.cat(sent), torch.cat(blocks), f"(root={root}) scatter_list after the call"
 
-    tally = ExactTally()
-    check_every_size(tally, element_type, device, world_size, "scatter", run_once)
-    tally.verdict("scatter", rank, world_size, record)
+    verify_every_size("scatter", run_once, element_type, rank, world_size, device, record)
 
     def make_run(count):
         output = torch.empty(count, dtype=dtype, device=device)
