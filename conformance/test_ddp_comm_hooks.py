@@ -19,7 +19,6 @@ A hook replaces DDP's gradient all_reduce, so a broken one trains silently wrong
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from pytest_gpuconform.checks import gather_float, relative_l2, too_far
