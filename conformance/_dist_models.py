@@ -41,6 +41,23 @@ class CheckpointableMLP(nn.Module):
         return self.head(torch.relu(h))
 
 
+class TiedMLP(nn.Module):
+    """input -> Linear -> mix -> Tanh -> mix_again -> head, where ``mix_again`` shares its
+    weight with ``mix`` (module-level tying, as language models tie embedding and head):
+    one parameter, two modules, two gradient contributions that DDP must reduce once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, HIDDEN)
+        self.mix = nn.Linear(HIDDEN, HIDDEN)
+        self.mix_again = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.mix_again.weight = self.mix.weight
+        self.head = nn.Linear(HIDDEN, OUTPUTS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix_again(torch.tanh(self.mix(self.embed(x))))))
+
+
 def seeded_model(factory, seed: int = 1234, device="cpu") -> nn.Module:
     """The same initial weights in every rank and in the reference."""
     with torch.random.fork_rng(devices=[]):

@@ -1,316 +1,261 @@
-"""Collectives conformance: every element of every collective exact, on every rank, every time.
+"""Collectives every rank takes part in and gets a result from: exact, as nccl-tests demands.
 
-Silent collective corruption is real and size-dependent (nccl#2001: wrong all_reduce sums
-mostly at 1 MiB; pytorch#138811: run-to-run different all_reduce on H20; nccl#1199: wrong
-results with P2P/PXN disabled). nccl-tests catches it by comparing every element with the
-known answer and counting the wrong ones (``#wrong``); this module does the same through
-torch.distributed, so the stack a training job uses (torch + NCCL or gloo) is what is tested.
+Every element of every result is compared with the answer computed from the closed-form
+inputs (``#wrong == 0``), for each dtype the backend carries, at every size from one
+element up, blocking and with ``async_op=True`` then ``wait()``. nccl-tests checks the same
+way; silent corruption has been reported exactly there: a few wrong elements at 1 MiB
+(nccl#2001), results differing run to run (pytorch#138811 / nccl#1497).
 
-Inputs are integers small enough that every partial sum is exactly representable in the
-element type, so the right answer is the same in any reduction order (ring, tree, NVLS...)
-and the comparison is bitwise. The result must also be bitwise identical on all ranks and
-between two runs of the same collective. The bus bandwidth of the largest size is recorded
-with nccl-tests' formulas (their PERFORMANCE.md): it is a measurement, not a verdict.
+Covered here: all_reduce with every ReduceOp, broadcast from every root, all_gather and
+reduce_scatter in their list and tensor forms. Rooted collectives, all-to-all and
+point-to-point have their own modules. Bus bandwidth is recorded as nccl-tests computes it.
 """
 
 from __future__ import annotations
 
-import time
+import math
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from pytest_gpuconform.checks import gather_float, mismatch, raise_if_any, same_on_all_ranks
+from pytest_gpuconform.checks import (
+    bit_patterns,
+    exact_integer_bound,
+    integer_values,
+    is_unsigned,
+    value_range,
+)
 
-ELEMENT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int32": torch.int32}
+from ._collective_cases import (
+    ELEMENT_TYPES,
+    WORLD_SIZES,
+    all_gather_single,
+    finish,
+    record_bandwidth,
+    reduce_scatter_single,
+    verify_every_size,
+)
 
-# Largest integer n such that every integer in [-n, n] is exact in the type: 2**(mantissa bits + 1).
-EXACT_INTEGER_LIMIT = {"fp32": 2**24, "fp16": 2**11, "bf16": 2**8, "int32": 2**31 - 1}
+FLOATING = ("fp32", "fp16", "bf16")
+INTEGER = ("int32", "int64", "uint8")
+BITWISE = ("band", "bor", "bxor")
+PREMUL_FACTOR = 2.0  # a power of two: the pre-multiplied sum stays exact
 
-# Per-rank buffer sizes: a single element, an odd count (tails of vectorised kernels), 1 MiB
-# (where nccl#2001 showed), and a larger one whose timing gives the recorded bandwidth. On
-# GPUs the largest is bigger so that bandwidth is not dominated by latency.
-ODD_COUNT = 1031
-LARGE_SIZES_BYTES = {"cpu": (1 << 20, 4 << 20), "cuda": (1 << 20, 64 << 20)}
-TIMED_ITERATIONS = {"cpu": 5, "cuda": 20}
-
-WORLD_SIZES = (2, 4, 8)
-
-
-def _counts(element_type: str, device: torch.device) -> list[int]:
-    size = ELEMENT_TYPES[element_type].itemsize
-    return [1, ODD_COUNT] + [nbytes // size for nbytes in LARGE_SIZES_BYTES[device.type]]
-
-
-def _pattern(source_rank: int, count: int, amplitude: int, salt: int, device) -> torch.Tensor:
-    """Integer-valued data in [-amplitude, amplitude], different per rank and per salt.
-
-    A closed form rather than an RNG, so every rank can rebuild every other rank's input
-    (and so the expected answer) on any device without communicating.
-    """
-    modulus = 2 * amplitude + 1
-    index = torch.arange(count, dtype=torch.int64, device=device)
-    return (index * 7919 + source_rank * 104729 + salt * 15485863) % modulus - amplitude
+# PREMUL_SUM pre-multiplies by a floating factor (FSDP divides gradients with it); torch
+# defines it for floating dtypes only. Bitwise reductions exist only for integers.
+REDUCTION_CASES = [(e, op) for e in FLOATING for op in ("sum", "avg", "product", "min", "max", "premul_sum")] + [
+    (e, op) for e in INTEGER for op in ("sum", "avg", "product", "min", "max", *BITWISE)
+]
 
 
-def _describe(what: str, element_type: str, count: int) -> str:
-    nbytes = count * ELEMENT_TYPES[element_type].itemsize
-    return f"{what} {element_type} x{count} ({nbytes} B)"
+def _reduce_op(op: str):
+    if op == "premul_sum":
+        return dist._make_nccl_premul_sum(PREMUL_FACTOR)
+    return getattr(dist.ReduceOp, op.upper())
 
 
-def _check_all_sizes(
-    run_once, element_type, rank, world_size, device, check: str, identical_across_ranks: bool
-) -> tuple[list[str], int]:
-    """Run ``run_once(count, salt) -> (result, expected)`` twice per size and compare:
-    exact against the expected answer, against the first run, and (where the collective
-    gives every rank the same result) against rank 0.
-    Returns the problems and this rank's ``#wrong`` summed over the sizes."""
-    problems, wrong = [], 0
-    for count in _counts(element_type, device):
-        what = _describe(check, element_type, count)
-        first, expected = run_once(count, salt=count)
-        second, _ = run_once(count, salt=count)
-        wrong += int((first != expected).sum()) if first.shape == expected.shape else first.numel()
-        found = mismatch(first, expected, what)
-        if found is None:
-            found = mismatch(second, first, what + " run 2 vs run 1")
-            found = found and found.replace("(bound: exact)", "(bound: run-to-run bitwise identical)")
-        across = same_on_all_ranks(first, what, rank, world_size) if identical_across_ranks else None
-        problems.extend(p for p in (found, across) if p)
-    return problems, wrong
-
-
-def _verdict(checked: list[tuple[list[str], int]], element_type, rank, world_size, check, record) -> None:
-    """Record ``#wrong`` (the worst rank's) and fail every rank if any rank saw a problem."""
-    problems = [p for found, _ in checked for p in found]
-    wrong = sum(n for _, n in checked)
-    record("dtype", element_type)  # int32 is outside the dtype marker, so the plugin cannot attach it
-    record("wrong_elements", int(max(gather_float(float(wrong), world_size))))
-    record("wrong_elements_bound", 0)
-    raise_if_any("; ".join(problems) or None, rank, world_size, check)
-
-
-def _record_bus_bandwidth(collective, nbytes_algorithm: int, bus_factor: float, device, world_size, record):
-    """Time the collective on a scratch buffer and record algbw / busbw as nccl-tests does:
-    algbw = S / t, busbw = algbw * factor, t the slowest rank's mean time per iteration."""
-    for _ in range(2):  # warm-up: connection set-up and allocator growth are not bandwidth
-        collective()
-    _synchronize(device)
-    dist.barrier()
-    iterations = TIMED_ITERATIONS[device.type]
-    start = time.perf_counter()
-    for _ in range(iterations):
-        collective()
-    _synchronize(device)
-    mine = (time.perf_counter() - start) / iterations
-    slowest = max(gather_float(mine, world_size))
-    algbw = nbytes_algorithm / slowest / 1e9
-    record("size_bytes", nbytes_algorithm)
-    record("time_us", slowest * 1e6)
-    record("algbw_GBps", algbw)
-    record("busbw_GBps", algbw * bus_factor)
-
-
-def _synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _largest(element_type, device) -> int:
-    return _counts(element_type, device)[-1]
-
-
-def _all_gather_single():
-    # all_gather_into_tensor is deprecated in 2.13 in favour of all_gather_single (absent in 2.11).
-    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _reduce_scatter_single():
-    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _skip_unless_backend_averages(element_type: str, device) -> None:
-    """AVG is optional per backend and dtype: skip, saying why, where it is absent.
-
-    Integer AVG on gloo is known absent: torch's gloo path divides after the sum in floating
-    point and cannot store the result back ("result type Float can't be cast to ... Int");
-    probing it is unsafe, since that failure happens inside the work and has been seen to
-    abort the process at the next collective. Floating AVG is probed with one element
-    (older gloo builds refuse it up front, before any communication)."""
-    dtype = ELEMENT_TYPES[element_type]
+def _backend_lacks(op: str, element_type: str) -> str | None:
+    """Why the backend cannot run this reduction, from what it documents; None when it
+    must. A table, not a probe: a broken stack that refuses an op it supports fails."""
     backend = dist.get_backend()
-    if backend == "gloo" and not dtype.is_floating_point:
-        pytest.skip(f"backend gloo has no integer ReduceOp.AVG ({element_type}): torch divides in floating point")
-    probe = torch.ones(1, dtype=dtype, device=device)
+    integer = element_type in INTEGER
+    if backend == "gloo" and op == "premul_sum":
+        return "backend gloo has no ReduceOp.PREMUL_SUM (torch: 'Cannot use ReduceOp.PREMUL_SUM with Gloo')"
+    if backend == "gloo" and op == "avg" and integer:
+        # torch's gloo path divides after the sum in floating point and cannot store the
+        # result back; the failure happens inside the work and has been seen to abort the
+        # process at the next collective, so it is not probed.
+        return f"backend gloo has no integer ReduceOp.AVG ({element_type}): torch divides in floating point"
+    if backend == "nccl" and op in BITWISE:
+        return "backend nccl has no bitwise reductions (ProcessGroupNCCL maps SUM, PRODUCT, MIN, MAX, AVG, PREMUL_SUM)"
+    return None
+
+
+def _skip_if_gloo_refuses_float_average(element_type: str, device) -> None:
+    """gloo builds before torch 2.6 refuse floating AVG up front, before any communication;
+    one element tells which build this is."""
+    if dist.get_backend() != "gloo":
+        return
+    probe = torch.ones(1, dtype=ELEMENT_TYPES[element_type], device=device)
     try:
         dist.all_reduce(probe, op=dist.ReduceOp.AVG)
     except (RuntimeError, ValueError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        pytest.skip(f"backend {backend} has no ReduceOp.AVG for {element_type}: {message}")
+        pytest.skip(f"backend gloo has no ReduceOp.AVG for {element_type}: {message}")
 
 
-REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}
+def _largest_root(bound: int, n: int) -> int:
+    """The largest a with a**n <= bound: products of n values in [-a, a] stay exact."""
+    a = int(round(bound ** (1.0 / n)))
+    while a**n > bound:
+        a -= 1
+    while (a + 1) ** n <= bound:
+        a += 1
+    return a
 
 
-@pytest.mark.world_size(*WORLD_SIZES)
-@pytest.mark.parametrize("op", list(REDUCE_OPS))
-@pytest.mark.parametrize("element_type", list(ELEMENT_TYPES))
-def test_all_reduce(element_type, op, rank, world_size, device, record):
-    """all_reduce(sum/avg/max): #wrong == 0 at every size, identical on all ranks and run to run.
+def _reduction_inputs(op: str, dtype, world_size: int, count: int, salt: int, device) -> list[torch.Tensor]:
+    """Every rank's input for ``op``, chosen so that the reduction is exact in ``dtype``:
+    sums within bound / n, products within the n-th root of the bound, averages of
+    multiples of n, minima and maxima over the whole exact range, bitwise ops over all bits."""
+    if op in BITWISE:
+        return [bit_patterns(count, dtype, source=r, salt=salt, device=device) for r in range(world_size)]
+    if op == "product":
+        a = _largest_root(exact_integer_bound(dtype), world_size)
+        low, high = (0 if is_unsigned(dtype) else -a), a
+    elif op in ("min", "max"):
+        low, high = value_range(dtype)
+    elif op == "premul_sum":
+        low, high = value_range(dtype, int(PREMUL_FACTOR) * world_size)
+    else:
+        low, high = value_range(dtype, world_size)
+    if op == "avg":  # multiples of n: the mean is an integer however the backend divides
+        low, high = -(-low // world_size), high // world_size
+    values = [integer_values(count, low, high, source=r, salt=salt, device=device) for r in range(world_size)]
+    return [v * world_size for v in values] if op == "avg" else values
 
-    For avg, inputs are multiples of the world size so the mean is an integer whatever way
-    the backend averages (sum then divide, or pre-multiply by 1/n)."""
+
+def _reduced(op: str, inputs: list[torch.Tensor], world_size: int) -> torch.Tensor:
+    stacked = torch.stack(inputs)
+    if op in BITWISE:
+        combine = {"band": torch.bitwise_and, "bor": torch.bitwise_or, "bxor": torch.bitwise_xor}[op]
+        result = inputs[0]
+        for other in inputs[1:]:
+            result = combine(result, other)
+        return result
+    if op == "product":
+        return math.prod(inputs)
+    if op == "min":
+        return stacked.amin(dim=0)
+    if op == "max":
+        return stacked.amax(dim=0)
+    total = stacked.sum(dim=0)
     if op == "avg":
-        _skip_unless_backend_averages(element_type, device)
-    dtype = ELEMENT_TYPES[element_type]
-    amplitude = EXACT_INTEGER_LIMIT[element_type] // world_size
-    scale = world_size if op == "avg" else 1
+        return total // world_size
+    return total * int(PREMUL_FACTOR) if op == "premul_sum" else total
 
-    def run_once(count, salt):
-        inputs = [_pattern(r, count, amplitude // scale, salt, device) * scale for r in range(world_size)]
-        if op == "max":
-            expected = torch.stack(inputs).amax(dim=0)
-        else:
-            expected = sum(inputs) // scale
-        buffer = inputs[rank].to(dtype)
-        dist.all_reduce(buffer, op=REDUCE_OPS[op])
-        return buffer, expected.to(dtype)
 
-    checked = _check_all_sizes(run_once, element_type, rank, world_size, device, f"all_reduce({op})", True)
-    _verdict([checked], element_type, rank, world_size, f"all_reduce({op})", record)
+def _element_type_param(element_type: str, record) -> torch.dtype:
+    record("dtype", element_type)  # integer dtypes are outside the dtype marker: the plugin cannot attach them
+    return ELEMENT_TYPES[element_type]
+
+
+@pytest.mark.world_size(*WORLD_SIZES)
+@pytest.mark.parametrize(("element_type", "op"), REDUCTION_CASES, ids=[f"{e}-{o}" for e, o in REDUCTION_CASES])
+def test_all_reduce(element_type, op, rank, world_size, device, record):
+    """all_reduce with every ReduceOp the backend supports (SUM, AVG, PRODUCT, MIN, MAX,
+    PREMUL_SUM; BAND, BOR, BXOR on integers): #wrong == 0 on every rank at every size."""
+    lacking = _backend_lacks(op, element_type)
+    if lacking:
+        pytest.skip(lacking)
+    if op == "avg" and element_type in FLOATING:
+        _skip_if_gloo_refuses_float_average(element_type, device)
+    dtype = _element_type_param(element_type, record)
+
+    def run_once(count, salt, async_op):
+        inputs = _reduction_inputs(op, dtype, world_size, count, salt, device)
+        buffer = inputs[rank].to(dtype, copy=True)  # int64 and bitwise inputs are already dtype
+        finish(dist.all_reduce(buffer, op=_reduce_op(op), async_op=async_op), async_op)
+        yield buffer, _reduced(op, inputs, world_size).to(dtype), ""
+
+    verify_every_size(f"all_reduce({op})", run_once, element_type, rank, world_size, device, record)
     if op == "sum":
-        count = _largest(element_type, device)
-        scratch = torch.zeros(count, dtype=dtype, device=device)
-        _record_bus_bandwidth(
-            lambda: dist.all_reduce(scratch),
-            scratch.numel() * dtype.itemsize,
-            2 * (world_size - 1) / world_size,
-            device,
-            world_size,
-            record,
-        )
 
+        def make_run(count):
+            scratch = torch.zeros(count, dtype=dtype, device=device)
+            return (lambda: dist.all_reduce(scratch)), count * dtype.itemsize
 
-@pytest.mark.world_size(*WORLD_SIZES)
-@pytest.mark.parametrize("element_type", list(ELEMENT_TYPES))
-def test_all_gather(element_type, rank, world_size, device, record):
-    """all_gather into one tensor: every rank gets every rank's block, in rank order."""
-    dtype = ELEMENT_TYPES[element_type]
-    amplitude = EXACT_INTEGER_LIMIT[element_type]
-    gather = _all_gather_single()
-
-    def run_once(count, salt):
-        inputs = [_pattern(r, count, amplitude, salt, device) for r in range(world_size)]
-        output = torch.empty(world_size * count, dtype=dtype, device=device)
-        gather(output, inputs[rank].to(dtype))
-        return output, torch.cat(inputs).to(dtype)
-
-    checked = _check_all_sizes(run_once, element_type, rank, world_size, device, "all_gather", True)
-    _verdict([checked], element_type, rank, world_size, "all_gather", record)
-    count = _largest(element_type, device)
-    mine = torch.zeros(count, dtype=dtype, device=device)
-    output = torch.empty(world_size * count, dtype=dtype, device=device)
-    _record_bus_bandwidth(
-        lambda: gather(output, mine),
-        output.numel() * dtype.itemsize,
-        (world_size - 1) / world_size,
-        device,
-        world_size,
-        record,
-    )
-
-
-@pytest.mark.world_size(*WORLD_SIZES)
-@pytest.mark.parametrize("element_type", list(ELEMENT_TYPES))
-def test_reduce_scatter(element_type, rank, world_size, device, record):
-    """reduce_scatter(sum) from one tensor: rank r gets the sum of every rank's r-th block."""
-    dtype = ELEMENT_TYPES[element_type]
-    amplitude = EXACT_INTEGER_LIMIT[element_type] // world_size
-    scatter = _reduce_scatter_single()
-
-    def run_once(count, salt):
-        inputs = [_pattern(r, world_size * count, amplitude, salt, device) for r in range(world_size)]
-        expected = sum(inputs)[rank * count : (rank + 1) * count]
-        output = torch.empty(count, dtype=dtype, device=device)
-        scatter(output, inputs[rank].to(dtype))
-        return output, expected.to(dtype)
-
-    try:
-        checked = _check_all_sizes(run_once, element_type, rank, world_size, device, "reduce_scatter(sum)", False)
-    except (RuntimeError, NotImplementedError) as exc:
-        if "not supported" in str(exc).lower() or "unimplemented" in str(exc).lower():
-            pytest.skip(f"backend {dist.get_backend()} has no reduce_scatter for {element_type}: {exc}")
-        raise
-    _verdict([checked], element_type, rank, world_size, "reduce_scatter(sum)", record)
-    count = _largest(element_type, device)
-    source = torch.zeros(world_size * count, dtype=dtype, device=device)
-    output = torch.empty(count, dtype=dtype, device=device)
-    _record_bus_bandwidth(
-        lambda: scatter(output, source),
-        source.numel() * dtype.itemsize,
-        (world_size - 1) / world_size,
-        device,
-        world_size,
-        record,
-    )
+        record_bandwidth(make_run, "all_reduce", element_type, device, world_size, record)
 
 
 @pytest.mark.world_size(*WORLD_SIZES)
 @pytest.mark.parametrize("element_type", list(ELEMENT_TYPES))
 def test_broadcast(element_type, rank, world_size, device, record):
-    """broadcast from every rank in turn: receivers start with their own different data, so
+    """broadcast from every root in turn: receivers start with their own different data, so
     a rank that never received is caught."""
-    dtype = ELEMENT_TYPES[element_type]
-    amplitude = EXACT_INTEGER_LIMIT[element_type]
+    dtype = _element_type_param(element_type, record)
+    low, high = value_range(dtype)
 
-    checked = []
-    for root in range(world_size):
+    def run_once(count, salt, async_op):
+        for root in range(world_size):
+            sent = integer_values(count, low, high, source=root, salt=salt, device=device).to(dtype)
+            buffer = (
+                sent.clone()
+                if rank == root
+                else integer_values(count, low, high, source=world_size + rank, salt=salt, device=device).to(dtype)
+            )
+            finish(dist.broadcast(buffer, src=root, async_op=async_op), async_op)
+            yield buffer, sent, f"(root={root})"
 
-        def run_once(count, salt, root=root):
-            buffer = _pattern(rank, count, amplitude, salt + 1 + rank, device).to(dtype)
-            if rank == root:
-                buffer = _pattern(root, count, amplitude, salt, device).to(dtype)
-            dist.broadcast(buffer, src=root)
-            return buffer, _pattern(root, count, amplitude, salt, device).to(dtype)
+    verify_every_size("broadcast", run_once, element_type, rank, world_size, device, record)
 
-        check = f"broadcast(root={root})"
-        checked.append(_check_all_sizes(run_once, element_type, rank, world_size, device, check, True))
-    _verdict(checked, element_type, rank, world_size, "broadcast", record)
-    count = _largest(element_type, device)
-    scratch = torch.zeros(count, dtype=dtype, device=device)
-    _record_bus_bandwidth(
-        lambda: dist.broadcast(scratch, src=0), scratch.numel() * dtype.itemsize, 1.0, device, world_size, record
-    )
+    def make_run(count):
+        scratch = torch.zeros(count, dtype=dtype, device=device)
+        return (lambda: dist.broadcast(scratch, src=0)), count * dtype.itemsize
+
+    record_bandwidth(make_run, "broadcast", element_type, device, world_size, record)
 
 
 @pytest.mark.world_size(*WORLD_SIZES)
 @pytest.mark.parametrize("element_type", list(ELEMENT_TYPES))
-def test_send_recv(element_type, rank, world_size, device, record):
-    """Point-to-point around a ring (rank r sends to r+1): what arrives is what was sent,
-    bit for bit. Pipeline parallelism is built on exactly these calls."""
-    dtype = ELEMENT_TYPES[element_type]
-    amplitude = EXACT_INTEGER_LIMIT[element_type]
-    successor, predecessor = (rank + 1) % world_size, (rank - 1) % world_size
+def test_all_gather(element_type, rank, world_size, device, record):
+    """all_gather into one tensor and into a list of tensors: every rank gets every rank's
+    block, in rank order."""
+    dtype = _element_type_param(element_type, record)
+    low, high = value_range(dtype)
+    gather = all_gather_single()
 
-    def exchange(outgoing, incoming):
-        ops = [dist.P2POp(dist.isend, outgoing, successor), dist.P2POp(dist.irecv, incoming, predecessor)]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+    def run_once(count, salt, async_op):
+        blocks = [
+            integer_values(count, low, high, source=r, salt=salt, device=device).to(dtype) for r in range(world_size)
+        ]
+        output = torch.empty(world_size * count, dtype=dtype, device=device)
+        finish(gather(output, blocks[rank], async_op=async_op), async_op)
+        yield output, torch.cat(blocks), " (tensor form)"
+        slots = [torch.empty(count, dtype=dtype, device=device) for _ in range(world_size)]
+        finish(dist.all_gather(slots, blocks[rank], async_op=async_op), async_op)
+        yield torch.cat(slots), torch.cat(blocks), " (list form)"
 
-    def run_once(count, salt):
-        outgoing = _pattern(rank, count, amplitude, salt, device).to(dtype)
-        incoming = _pattern(rank, count, amplitude, salt + 1, device).to(dtype)  # not what will arrive
-        exchange(outgoing, incoming)
-        return incoming, _pattern(predecessor, count, amplitude, salt, device).to(dtype)
+    verify_every_size("all_gather", run_once, element_type, rank, world_size, device, record)
 
-    checked = _check_all_sizes(
-        run_once, element_type, rank, world_size, device, f"send/recv ring ({predecessor}->{rank})", False
+    def make_run(count):
+        mine = torch.zeros(count, dtype=dtype, device=device)
+        output = torch.empty(world_size * count, dtype=dtype, device=device)
+        return (lambda: gather(output, mine)), output.numel() * dtype.itemsize
+
+    record_bandwidth(make_run, "all_gather", element_type, device, world_size, record)
+
+
+@pytest.mark.world_size(*WORLD_SIZES)
+@pytest.mark.parametrize("element_type", list(ELEMENT_TYPES))
+def test_reduce_scatter(element_type, rank, world_size, device, record):
+    """reduce_scatter(sum) from one tensor and from a list: rank r gets the sum of every
+    rank's r-th block."""
+    dtype = _element_type_param(element_type, record)
+    low, high = value_range(dtype, world_size)
+    scatter = reduce_scatter_single()
+
+    def run_once(count, salt, async_op):
+        inputs = [
+            integer_values(world_size * count, low, high, source=r, salt=salt, device=device) for r in range(world_size)
+        ]
+        expected = sum(inputs)[rank * count : (rank + 1) * count].to(dtype)
+        mine = inputs[rank].to(dtype, copy=True)
+        output = torch.empty(count, dtype=dtype, device=device)
+        finish(scatter(output, mine, async_op=async_op), async_op)
+        yield output, expected, "(sum, tensor form)"
+        output = torch.empty(count, dtype=dtype, device=device)
+        finish(dist.reduce_scatter(output, list(mine.chunk(world_size)), async_op=async_op), async_op)
+        yield output, expected, "(sum, list form)"
+
+    verify_every_size(
+        "reduce_scatter(sum)", run_once, element_type, rank, world_size, device, record, described_as="reduce_scatter"
     )
-    _verdict([checked], element_type, rank, world_size, "send/recv", record)
-    count = _largest(element_type, device)
-    outgoing = torch.zeros(count, dtype=dtype, device=device)
-    incoming = torch.empty(count, dtype=dtype, device=device)
-    _record_bus_bandwidth(
-        lambda: exchange(outgoing, incoming), outgoing.numel() * dtype.itemsize, 1.0, device, world_size, record
-    )
+
+    def make_run(count):
+        source = torch.zeros(world_size * count, dtype=dtype, device=device)
+        output = torch.empty(count, dtype=dtype, device=device)
+        return (lambda: scatter(output, source)), source.numel() * dtype.itemsize
+
+    record_bandwidth(make_run, "reduce_scatter", element_type, device, world_size, record)

@@ -6,8 +6,15 @@ your own checks"). Everything listed in ``__all__`` is kept stable; the modules 
 are not.
 
 * Comparisons (``compare``): exact (``mismatch``), torch.testing's rule (``not_close``,
-  ``WithinTolerance``), relative L2 (``relative_l2``, ``too_far``). Each returns ``None`` or
-  a one-line account of where and how large the difference is.
+  ``WithinTolerance``), relative L2 (``relative_l2``, ``too_far``), nested objects
+  (``structure_mismatch``). Each returns ``None`` or a one-line account of where and how
+  large the difference is.
+* Exact multi-rank checks (``exact_tally``): ``ExactTally`` counts wrong elements over many
+  comparisons and turns them into one verdict, recording ``wrong_elements`` and the worst rank.
+* Integer-valued data (``integer_data``): values exact in every dtype (``value_range``,
+  ``exact_integer_bound``), rebuilt from (source, salt) on any rank (``integer_values``,
+  ``bit_patterns``).
+* Bandwidth (``bandwidth``): nccl-tests' algbw / busbw (``measure_bandwidth``, ``bus_factor``).
 * Rank verdicts (``rank_verdicts``): every rank states what it found, all ranks fail
   together (``raise_if_any``); bitwise agreement with rank 0 (``same_on_all_ranks``);
   gathering one number or string from every rank (``gather_float``, ``gather_text``).
@@ -20,25 +27,38 @@ are not.
 """
 
 from ..collection.tolerances import Tolerance
-from .compare import WithinTolerance, mismatch, not_close, relative_l2, too_far
+from .bandwidth import Bandwidth, bus_factor, measure_bandwidth
+from .compare import WithinTolerance, mismatch, not_close, relative_l2, structure_mismatch, too_far
+from .exact_tally import ExactTally
+from .integer_data import bit_patterns, exact_integer_bound, integer_values, is_unsigned, value_range
 from .memory import MemoryMeter, MemoryReading
 from .numerics import bitwise_reproducible, true_fp32
 from .rank_verdicts import collective_device, gather_float, gather_text, raise_if_any, same_on_all_ranks
 
 __all__ = [
+    "Bandwidth",
+    "ExactTally",
     "MemoryMeter",
     "MemoryReading",
     "Tolerance",
     "WithinTolerance",
+    "bit_patterns",
     "bitwise_reproducible",
+    "bus_factor",
     "collective_device",
+    "exact_integer_bound",
     "gather_float",
     "gather_text",
+    "integer_values",
+    "is_unsigned",
+    "measure_bandwidth",
     "mismatch",
     "not_close",
     "raise_if_any",
     "relative_l2",
     "same_on_all_ranks",
+    "structure_mismatch",
     "too_far",
     "true_fp32",
+    "value_range",
 ]

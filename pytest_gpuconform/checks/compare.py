@@ -92,3 +92,41 @@ class WithinTolerance:
         if diff.numel():
             self.used = max(self.used, (diff / allowed).max().item())
         return not_close(got, want, self.rtol, self.atol, what)
+
+
+def structure_mismatch(got, want, what: str) -> str | None:
+    """Exact comparison of nested Python objects (dicts, lists, tuples, sets, dataclasses,
+    tensors, scalars): None when equal in type, structure and value, else one line naming
+    the path of the first difference (``what['layers'][1].bias``) and how it differs.
+
+    Object collectives (checkpoint metadata, configs) travel pickled; a broken path shows
+    as a wrong type (a tuple arriving as a list), a lost key, or a tensor whose dtype or
+    values changed, and the path says which."""
+    import dataclasses
+
+    if type(got) is not type(want):
+        return f"{what}: type {type(got).__name__} != expected {type(want).__name__}"
+    if isinstance(want, torch.Tensor):
+        if got.dtype != want.dtype or got.shape != want.shape:
+            return f"{what}: tensor {got.dtype} {tuple(got.shape)} != expected {want.dtype} {tuple(want.shape)}"
+        return mismatch(got.cpu(), want.cpu(), what)
+    if isinstance(want, dict):
+        if list(got) != list(want):
+            return f"{what}: keys {list(got)!r} != expected {list(want)!r}"
+        return _first(structure_mismatch(got[k], want[k], f"{what}[{k!r}]") for k in want)
+    if isinstance(want, (list, tuple)):
+        if len(got) != len(want):
+            return f"{what}: length {len(got)} != expected {len(want)}"
+        return _first(structure_mismatch(g, w, f"{what}[{i}]") for i, (g, w) in enumerate(zip(got, want, strict=True)))
+    if dataclasses.is_dataclass(want):
+        return _first(
+            structure_mismatch(getattr(got, f.name), getattr(want, f.name), f"{what}.{f.name}")
+            for f in dataclasses.fields(want)
+        )
+    if got != want:
+        return f"{what}: got {got!r} expected {want!r}"
+    return None
+
+
+def _first(problems) -> str | None:
+    return next((p for p in problems if p), None)

@@ -1,11 +1,12 @@
 """The DDP checks catch data parallelism that is silently wrong.
 
 Faults are planted in the ranks through DDP's own extension point (communication hooks,
-registered by a patched constructor) or by patching ``no_sync``, so DDP itself runs and
-only the part under test misbehaves: gradients never averaged (each rank trains alone),
-summed but not divided, one configuration drifting from the default, ``no_sync`` that
-communicates or loses the accumulated gradients, compression far coarser than fp16, and
-gradients of a checkpointed block left unreduced. One subprocess runs them all.
+registered by a patched constructor) or by patching ``no_sync`` and ``clip_grad_norm_``,
+so DDP itself runs and only the part under test misbehaves: gradients never averaged
+(each rank trains alone), summed but not divided, one configuration drifting from the
+default, a tied weight's gradient counted twice, ``no_sync`` that communicates or loses
+the accumulated gradients, clipping that sees a different set of gradients on one rank,
+and gradients of a checkpointed block left unreduced. One subprocess runs them all.
 """
 
 from __future__ import annotations
@@ -82,21 +83,34 @@ def _forgetful(self):
 DistributedDataParallel.no_sync = _forgetful
 """
     + RE_EXPORT.format(name="test_ddp_no_sync_accumulates"),
-    # "fp16" compression that really rounds to float8 (3 mantissa bits).
-    "test_fault_coarse_compression": """
+    # The tied (32 x 32) weight's gradient is reduced, then counted twice.
+    "test_fault_tied_weight_doubled": HOOK_ON_EVERY_DDP
+    + """
+def HOOK(state, bucket):
+    buffer = bucket.buffer()
+    dist.all_reduce(buffer)
+    buffer.div_(dist.get_world_size())
+    for p, g in zip(bucket.parameters(), bucket.gradients()):
+        if p.shape == (32, 32):
+            g.mul_(2)
+    return _done(buffer)
+WANTS_HOOK = lambda kwargs: True
+"""
+    + RE_EXPORT.format(name="test_ddp_matches_single_process"),
+    # On rank 1, clipping misses the last parameter (a dropped group of a foreach grouping);
+    # rank 1's reference is clipped the same way, so the ranks' disagreement is what shows.
+    "test_fault_clip_misses_a_parameter": """
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-def _float8_hook(state, bucket):
-    buffer = bucket.buffer()
-    rounded = buffer.div(dist.get_world_size()).to(torch.float8_e4m3fn).to(buffer.dtype)
-    dist.all_reduce(rounded)
-    future = torch.futures.Future()
-    future.set_result(buffer.copy_(rounded))
-    return future
-default_hooks.fp16_compress_hook = _float8_hook
+_real = torch.nn.utils.clip_grad_norm_
+def _partial(parameters, *args, **kwargs):
+    parameters = list(parameters)
+    if dist.get_rank() == 1:
+        parameters = parameters[:-1]
+    return _real(parameters, *args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = _partial
 """
-    + RE_EXPORT.format(name="test_ddp_compression_hook_within_bound"),
+    + RE_EXPORT.format(name="test_ddp_clip_grad_norm"),
     # Under autocast, gradients never averaged.
     "test_fault_autocast_unsynced": HOOK_ON_EVERY_DDP
     + """
@@ -127,7 +141,8 @@ SELECTION = [
     "test_fault_ddp_config_drift.py::test_ddp_matches_single_process[ws2-cpu-static_graph]",
     "test_fault_no_sync_syncs.py::test_ddp_no_sync_accumulates[ws2-cpu]",
     "test_fault_no_sync_forgets.py::test_ddp_no_sync_accumulates[ws2-cpu]",
-    "test_fault_coarse_compression.py::test_ddp_compression_hook_within_bound[ws2-cpu-fp16]",
+    "test_fault_tied_weight_doubled.py::test_ddp_matches_single_process[ws2-cpu-tied_weights]",
+    "test_fault_clip_misses_a_parameter.py::test_ddp_clip_grad_norm[ws2-cpu-foreach]",
     "test_fault_autocast_unsynced.py::test_ddp_with_autocast[ws2-cpu-bf16]",
     "test_fault_checkpointed_block_unreduced.py::test_ddp_with_checkpointing[ws2-cpu-reentrant]",
 ]
@@ -194,13 +209,26 @@ def test_no_sync_that_loses_local_gradients_is_caught(cases):
     )
 
 
-def test_compression_coarser_than_fp16_is_caught(cases):
+def test_tied_weight_counted_twice_is_caught(cases):
     assert_caught(
         cases,
-        "test_fault_coarse_compression::test_ddp_compression_hook_within_bound[ws2-cpu-fp16]",
-        "DDP fp16_compress_hook",
-        "rank 0: step 1 grad 'embed.weight' vs single process: rel_l2=",
-        "> bound 0.005",
+        "test_fault_tied_weight_doubled::test_ddp_matches_single_process[ws2-cpu-tied_weights]",
+        "DDP(tied_weights)",
+        "rank 0: step 1 grad 'mix.weight' vs single process:",
+        "outside tolerance",
+    )
+
+
+def test_clipping_that_differs_between_ranks_is_caught(cases):
+    assert_caught(
+        cases,
+        "test_fault_clip_misses_a_parameter::test_ddp_clip_grad_norm[ws2-cpu-foreach]",
+        "DDP + clip_grad_norm_(foreach=True)",
+        "rank 1: step 1 total norm: #wrong=1 of 1 elements",
+        "rank 0 has",
+        "(bound: bitwise equal to rank 0)",
+        "rank 0: step 2 total norm vs single process:",
+        "outside tolerance",
     )
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -22,13 +22,19 @@ from pathlib import Path
 class CaseResult:
     outcome: str  # "passed" | "failed" | "error" | "skipped"
     text: str  # failure message and text ("" when passed)
+    properties: dict = field(default_factory=dict)  # what the check recorded (JUnit properties)
 
 
 def run_faulted(
-    directory: Path, modules: dict[str, str], selection: list[str], timeout: float = 60
+    directory: Path,
+    modules: dict[str, str],
+    selection: list[str],
+    timeout: float = 60,
+    extra_args: tuple[str, ...] = (),
 ) -> dict[str, CaseResult]:
     """Write the fault modules into ``directory``, run the selected node ids in one pytest
-    subprocess, return {"module::test[id]": result}.
+    subprocess, return {"module::test[id]": result}. ``extra_args`` go to that pytest
+    (``--gpuconform-cpu-ranks 4`` for the world-size-4 cases).
 
     A plain subprocess rather than pytester, so that a module-scoped fixture can run it once
     and each fault still gets a test of its own in the report."""
@@ -45,6 +51,7 @@ def run_faulted(
         "-q",
         f"--junitxml={report}",
         f"--gpuconform-timeout={timeout}",
+        *extra_args,
         *selection,
     ]
     done = subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=timeout * len(selection))
@@ -64,7 +71,8 @@ def _read_cases(report) -> dict[str, CaseResult]:
                 outcome = "failed" if kind == "failure" else kind
                 text = f"{node.get('message', '')}\n{node.text or ''}"
                 break
-        cases[key] = CaseResult(outcome, text)
+        properties = {p.get("name"): p.get("value") for p in case.iter("property")}
+        cases[key] = CaseResult(outcome, text, properties)
     return cases
 
 
