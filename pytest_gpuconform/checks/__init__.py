@@ -14,11 +14,14 @@ are not.
 * CUDA numerics (``numerics``): true fp32 references (``true_fp32``: TF32 off) and
   bitwise-reproducible blocks (``bitwise_reproducible``); no-ops on CPU.
 * Memory (``memory``): ``MemoryMeter``, bytes a block keeps alive on any device.
+* Dispatched ops (``dispatch``): ``recorded_ops``, which aten ops a block ran and in which
+  dtypes (the kernel that really ran, the precision it really ran in).
 * ``Tolerance``: the row type of the tolerance table the ``tolerance`` fixture returns.
 """
 
 from ..tolerances import Tolerance
 from .compare import WithinTolerance, mismatch, not_close, relative_l2, too_far
+from .dispatch import recorded_ops
 from .memory import MemoryMeter, MemoryReading
 from .numerics import bitwise_reproducible, true_fp32
 from .rank_verdicts import collective_device, gather_float, gather_text, raise_if_any, same_on_all_ranks
@@ -35,6 +38,7 @@ __all__ = [
     "mismatch",
     "not_close",
     "raise_if_any",
+    "recorded_ops",
     "relative_l2",
     "same_on_all_ranks",
     "too_far",
