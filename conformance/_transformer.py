@@ -99,6 +99,22 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
+class FeedForwardStack(nn.Module):
+    """Residual feed-forward layers and a head: the smallest model with layers to shard or
+    bucket, for the compiled-under-DDP/FSDP checks, where every distinct graph costs
+    seconds of compilation on a small CPU."""
+
+    def __init__(self, n_layers: int = 2, width: int = WIDTH) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(FeedForward(width) for _ in range(n_layers))
+        self.head = nn.Linear(width, OUTPUTS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
+
+
 def seeded(factory, device, seed: int = MODEL_SEED) -> nn.Module:
     """The same initial weights in every rank and in the reference, whatever the RNG state.
     LayerNorm starts at weight 1, bias 0; they are randomised too, so that a gradient or a
