@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from pytest_gpuconform.checks import (WithinTolerance, bitwise_reproducible, gather_float, mismatch, raise_if_any,
-                                      relative_l2, too_far, true_fp32)
+                                      recorded_ops, relative_l2, too_far, true_fp32)
 from ._dist_models import rank_slice
 from ._sharded import compare_sharded, full_tensors, local, summary
 from ._transformer import lm_batches, lm_loss, tiny_lm
@@ -230,26 +230,6 @@ COMPUTE_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_atten
                "_scaled_dot_product_cudnn_attention"}
 
 
-@contextlib.contextmanager
-def _compute_dtypes():
-    """Yields {op name: dtypes of its floating-point inputs} for every compute op run inside."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    seen: dict[str, set] = {}
-
-    class ComputeDtypes(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if name in COMPUTE_OPS:
-                seen.setdefault(name, set()).update(
-                    t.dtype for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point())
-            return func(*args, **(kwargs or {}))
-
-    with ComputeDtypes():
-        yield seen
-
-
 def _low_precision_reference_step(low_dtype, shares: int):
     """The mixed-precision recipe in one process: a ``low_dtype`` copy of the fp32 master
     computes forward and backward on each rank's share of the batch, and the shares'
@@ -307,9 +287,9 @@ def test_fsdp_mixed_precision_matches_reference(dtype, rank, world_size, device,
 
     @contextlib.contextmanager
     def recording_compute():
-        with _compute_dtypes() as seen:
+        with recorded_ops() as ops:
             yield
-        compute.append(seen)
+        compute.append({name: dtypes for name, dtypes in ops.items() if name in COMPUTE_OPS})
 
     problems, losses, _ = _train_against_reference(
         model, tiny_lm(device), _batches(world_size, device), _take(rank, world_size), judge,
@@ -364,12 +344,12 @@ def test_fsdp_state_bytes_are_one_nth(rank, world_size, device, record, memory_m
     take = _take(rank, world_size)
     with memory_meter.track(device) as m:
         full = tiny_lm(device)
-        full_state = _state_bytes(full, _adam_step(full, x, y))
-        full_kept = m.settled_live_bytes()
+        full_optimizer = _adam_step(full, x, y)
+        full_state, full_kept = _state_bytes(full, full_optimizer), m.settled_live_bytes()
     with memory_meter.track(device) as m:
         model = sharded_lm(device, _mesh(device, world_size))
-        sharded_state = _state_bytes(model, _adam_step(model, take(x), take(y)))
-        sharded_kept = m.settled_live_bytes()
+        optimizer = _adam_step(model, take(x), take(y))
+        sharded_state, sharded_kept = _state_bytes(model, optimizer), m.settled_live_bytes()
     low, high = (1 - MEMORY_SLACK) / world_size, (1 + MEMORY_SLACK) / world_size
     problems = []
     for name, sharded, unsharded in (("state_bytes_ratio", sharded_state, full_state),

@@ -47,6 +47,13 @@ FAULTS = {
 def faulty(real, model, **kwargs):
     return real(model, **{**kwargs, "backend": perturbed_inductor})
 """ + RE_EXPORT.format(name="test_compiled_block_matches_eager"),
+    # Under autocast, inductor's output 3% off (beyond the bf16 row's rel_l2 of 2e-2).
+    "test_fault_inductor_autocast_output_off": PERTURBED_INDUCTOR + """
+FACTOR = 1 + 2 ** -5
+""" + PATCH_COMPILE + """
+def faulty(real, model, **kwargs):
+    return real(model, **{**kwargs, "backend": perturbed_inductor})
+""" + RE_EXPORT.format(name="test_compiled_block_under_autocast"),
     "test_fault_compile_drops_autocast": PATCH_COMPILE + """
 def faulty(real, model, **kwargs):
     compiled = real(model, **kwargs)
@@ -89,6 +96,7 @@ torch.compile = _compile
 
 SELECTION = [
     "test_fault_inductor_output_off.py::test_compiled_block_matches_eager[cpu]",
+    "test_fault_inductor_autocast_output_off.py::test_compiled_block_under_autocast[cpu-bf16]",
     "test_fault_compile_drops_autocast.py::test_compiled_block_under_autocast[cpu-bf16]",
     "test_fault_compile_returns_eager.py::test_compiled_block_matches_eager[cpu]",
     "test_fault_compiled_ddp_unreduced.py::test_compiled_model_under_ddp[ws2-cpu]",
@@ -105,6 +113,12 @@ def test_miscompiled_output_is_caught(cases):
     assert_caught(cases, "test_fault_inductor_output_off::test_compiled_block_matches_eager[cpu]",
                   "inductor block vs eager (cpu): compiled output:", "outside tolerance",
                   "(atol=1e-05, rtol=1.3e-06)", "compiled grad ")
+
+
+def test_miscompiled_output_under_autocast_is_caught(cases):
+    assert_caught(cases, "test_fault_inductor_autocast_output_off::test_compiled_block_under_autocast[cpu-bf16]",
+                  "inductor block under autocast(torch.bfloat16)", "compiled output vs eager autocast: rel_l2=0.03",
+                  "> bound 0.02")
 
 
 def test_compile_that_drops_autocast_is_caught_by_the_floor(cases):

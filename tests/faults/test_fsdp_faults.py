@@ -4,7 +4,8 @@ Faults are planted in the ranks mostly through FSDP2's own public knobs, applied
 wrapped ``fully_shard``, so FSDP runs and only the promise under test breaks: gradients
 summed instead of averaged (a divide factor of 1), a "sharding" over a mesh whose shard
 dimension has size 1 (every rank holds everything, and trains correctly: only the memory
-check can see it), resharding turned off, a mixed-precision policy dropped (compute in
+check can see it), an optimizer that hoards full copies (only the bytes kept show it),
+resharding turned off, a mixed-precision policy dropped (compute in
 fp32, closer to any reference) or reducing in bf16, clipping with each rank's local norm,
 activation checkpointing that keeps everything or recomputes different values, HSDP
 replicas that skip the all-reduce across replica groups, and an int reshard that reshards fully. Two subprocesses:
@@ -77,6 +78,24 @@ def _local_norm(tensors, *args, **kwargs):
     return DTensor.from_local(norm, dtensors[0].device_mesh, [Replicate()] * dtensors[0].device_mesh.ndim)
 clip_grad._get_total_norm = _local_norm
 """ + RE_EXPORT.format(name="test_fsdp_clip_grad_norm_matches_full_model"),
+    # Under the mixed-precision policy, gradients summed instead of averaged.
+    "test_fault_fsdp_mp_sums_gradients": WRAP_FULLY_SHARD + """
+def AFTER(module):
+    module.set_force_sum_reduction_for_comms(True)
+    module.set_gradient_divide_factor(1.0)
+""" + RE_EXPORT.format(name="test_fsdp_mixed_precision_matches_reference"),
+    # Adam keeps a gathered full copy of every sharded parameter: the state shards are right,
+    # the rank's memory is not 1/N (only the bytes kept by the step show it).
+    "test_fault_fsdp_optimizer_keeps_full_copies": """
+import torch
+_real_step = torch.optim.Adam.step
+_kept = []
+def _hoarding_step(self, *args, **kwargs):
+    for group in self.param_groups:
+        _kept.extend(p.full_tensor() for p in group["params"] if hasattr(p, "full_tensor"))
+    return _real_step(self, *args, **kwargs)
+torch.optim.Adam.step = _hoarding_step
+""" + RE_EXPORT.format(name="test_fsdp_state_bytes_are_one_nth"),
     # The mixed-precision policy is dropped: compute in fp32.
     "test_fault_fsdp_mp_policy_ignored": WRAP_FULLY_SHARD + """
 ADJUST = lambda kwargs: {k: v for k, v in kwargs.items() if k != "mp_policy"}
@@ -109,6 +128,8 @@ SELECTION = [
     "test_fault_fsdp_not_sharded.py::test_fsdp_state_bytes_are_one_nth[ws2-cpu]",
     "test_fault_fsdp_never_reshards.py::test_fsdp_resharding_frees_parameters_after_forward[ws2-cpu]",
     "test_fault_fsdp_clip_local_norm.py::test_fsdp_clip_grad_norm_matches_full_model[ws2-cpu]",
+    "test_fault_fsdp_mp_sums_gradients.py::test_fsdp_mixed_precision_matches_reference[ws2-cpu-bf16]",
+    "test_fault_fsdp_optimizer_keeps_full_copies.py::test_fsdp_state_bytes_are_one_nth[ws2-cpu]",
     "test_fault_fsdp_mp_policy_ignored.py::test_fsdp_mixed_precision_matches_reference[ws2-cpu-bf16]",
     "test_fault_fsdp_mp_reduces_in_bf16.py::test_fsdp_mixed_precision_matches_reference[ws2-cpu-bf16]",
     "test_fault_fsdp_checkpoint_keeps_everything.py::test_fsdp_with_activation_checkpointing[ws2-cpu]",
@@ -171,6 +192,18 @@ def test_clipping_with_local_norms_is_caught(cases):
     assert_caught(cases, "test_fault_fsdp_clip_local_norm::test_fsdp_clip_grad_norm_matches_full_model[ws2-cpu]",
                   "FSDP2 clip_grad_norm_(max_norm=0.05) vs single process",
                   "step 1 total grad norm of clip_grad_norm_: 1 of 1 elements outside tolerance")
+
+
+def test_mixed_precision_gradients_summed_are_caught_by_the_bf16_row(cases):
+    assert_caught(cases, "test_fault_fsdp_mp_sums_gradients::test_fsdp_mixed_precision_matches_reference[ws2-cpu-bf16]",
+                  "FSDP2 MixedPrecisionPolicy(param_dtype=torch.bfloat16): 2 of 2 ranks wrong",
+                  "step 1 grad 'layers.0.", "rel_l2=1 > bound 0.02")
+
+
+def test_hidden_full_copies_are_caught_by_the_bytes_kept(cases):
+    key = "test_fault_fsdp_optimizer_keeps_full_copies::test_fsdp_state_bytes_are_one_nth[ws2-cpu]"
+    assert_caught(cases, key, "FSDP2 per-rank state bytes", "rank 0: kept_bytes_ratio=0.75", "expected 1/2 within")
+    assert "state_bytes_ratio=" not in cases[key].text, "the state shards themselves were right"
 
 
 def test_ignored_mixed_precision_policy_is_caught_by_compute_dtype(cases):

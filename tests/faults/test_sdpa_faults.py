@@ -4,8 +4,8 @@ Each fault wraps ``F.scaled_dot_product_attention`` while only fused kernels are
 (the math backend disabled, as ``sdpa_kernel([FLASH_ATTENTION])`` leaves it), so the fp64
 math reference stays right and only "the flash kernel" misbehaves: its output 1.6% off
 (twice the bf16 output bound), its gradients 3% off (twice the bf16 gradient bound), the
-boolean mask ignored, and a silent fallback to the math backend that gives the right
-numbers from the wrong kernel. The checks run in the pytest process (single device), so
+boolean mask ignored, a silent fallback to the math backend that gives the right
+numbers from the wrong kernel, and the flash kernel running where math was asked for. The checks run in the pytest process (single device), so
 every fault is an autouse fixture of its own module. One subprocess runs them all.
 """
 
@@ -32,7 +32,26 @@ def _fault(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", wrapped)
 """
 
+# The math backend asked for (not in fp64, where no fused kernel exists): flash runs.
+MATH_REPLACED = """
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+@pytest.fixture(autouse=True)
+def _fault(monkeypatch):
+    real = F.scaled_dot_product_attention
+    def wrapped(q, *args, **kwargs):
+        if torch.backends.cuda.flash_sdp_enabled() or q.dtype == torch.float64:
+            return real(q, *args, **kwargs)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return real(q, *args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", wrapped)
+"""
+
 FAULTS = {
+    "test_fault_sdpa_math_is_flash": MATH_REPLACED + RE_EXPORT,
     "test_fault_sdpa_output_off": WRAP_FUSED + """
 def faulty(real, *args, **kwargs):
     return real(*args, **kwargs) * (1 + 2 ** -6)
@@ -68,6 +87,7 @@ SELECTION = [
     f"test_fault_sdpa_gradients_off.py::{TEST}[cpu-bf16-flash-causal]",
     f"test_fault_sdpa_mask_ignored.py::{TEST}[cpu-fp16-flash-bool_mask]",
     f"test_fault_sdpa_silent_fallback.py::{TEST}[cpu-fp32-flash-causal]",
+    f"test_fault_sdpa_math_is_flash.py::{TEST}[cpu-fp32-math-causal]",
 ]
 
 
@@ -96,3 +116,8 @@ def test_silent_fallback_to_math_is_caught(cases):
     assert_caught(cases, f"test_fault_sdpa_silent_fallback::{TEST}[cpu-fp32-flash-causal]",
                   "flash backend requested, ['_scaled_dot_product_flash_attention_for_cpu', "
                   "'_scaled_dot_product_flash_attention_for_cpu_backward'] did not run (ran: no fused kernel)")
+
+
+def test_fused_kernel_posing_as_math_is_caught(cases):
+    assert_caught(cases, f"test_fault_sdpa_math_is_flash::{TEST}[cpu-fp32-math-causal]",
+                  "math backend requested, fused kernels ran: ['_scaled_dot_product_flash_attention_for_cpu'")
