@@ -32,11 +32,12 @@ import copy
 import pytest
 import torch
 
-from pytest_gpuconform.checks import (WithinTolerance, bitwise_reproducible, gather_float, mismatch, raise_if_any,
-                                      recorded_ops, relative_l2, too_far, true_fp32)
+from pytest_gpuconform.checks import (WithinTolerance, gather_float, raise_if_any, recorded_ops, relative_l2, too_far,
+                                      true_fp32)
+from ._composed_checkpointing import check_checkpointing_composes, kept_ratio_bound
 from ._dist_models import rank_slice
 from ._sharded import compare_sharded, full_tensors, local, summary
-from ._transformer import lm_batches, lm_loss, tiny_lm
+from ._transformer import KEPT_UNITS, lm_batches, lm_loss, tiny_lm
 
 STEPS = 3
 LOCAL_BATCH = 2
@@ -44,11 +45,6 @@ LEARNING_RATE = 0.1
 CLIP_NORM = 0.05  # far below this model's gradient norms (~1.3): clipping acts on every step
 # Bytes FSDP may keep besides what the analytic sizes count, as a share of them.
 MEMORY_SLACK = 0.05
-# Bytes kept after forward with per-block checkpointing over without: a block keeps 16
-# activation units without and 1 (its output) with (see _transformer.KEPT_UNITS), plus a
-# tail common to both (final norm, head: ~2 units): ~0.09 for 3 blocks. One block left
-# uncheckpointed gives ~0.4.
-AC_KEPT_RATIO_MAX = 0.2
 # Share of gradient elements an fp32 reduction leaves off the bf16 grid at least (an fp32
 # sum of two bf16 values needs more than bf16's 8 significant bits about half the time;
 # measured ~0.6-0.9 here); a reduction in bf16 leaves none.
@@ -398,24 +394,10 @@ def test_fsdp_resharding_frees_parameters_after_forward(rank, world_size, device
 def test_fsdp_with_activation_checkpointing(rank, world_size, device, record, memory_meter):
     """Per-block activation checkpointing under FSDP2 (the recompute all-gathers the block's
     parameters again): gradient shards bitwise equal to FSDP2 without it, and fewer bytes
-    kept after forward (each block keeps its input instead of its activations)."""
+    kept after forward (each block keeps its output instead of its activations)."""
     mesh = _mesh(device, world_size)
     x, y = (rank_slice(t, rank, world_size) for t in _batches(world_size, device, steps=1)[0])
-    grads, kept = {}, {}
-    with bitwise_reproducible(device):
-        for recompute in (False, True):
-            model = sharded_lm(device, mesh, recompute=recompute)
-            with memory_meter.track(device) as m:
-                out = model(x)
-                kept[recompute] = m.settled_live_bytes()
-                lm_loss(out, y).backward()
-            grads[recompute] = {n: local(p.grad).clone() for n, p in model.named_parameters()}
-    problems = [found for name in grads[False]
-                if (found := mismatch(grads[True][name], grads[False][name], f"grad {name!r} with checkpointing"))]
-    ratio = kept[True] / kept[False]
-    record("kept_after_forward_ratio", max(gather_float(ratio, world_size)))
-    record("kept_after_forward_ratio_max", AC_KEPT_RATIO_MAX)
-    if ratio > AC_KEPT_RATIO_MAX:
-        problems.append(f"checkpointed model keeps {kept[True]} B after forward vs {kept[False]} B without: ratio "
-                        f"{ratio:.3g} > bound {AC_KEPT_RATIO_MAX}")
-    raise_if_any(summary(problems), rank, world_size, "FSDP2 + activation checkpointing")
+    check_checkpointing_composes(lambda recompute: sharded_lm(device, mesh, recompute=recompute), x, y,
+                                 kept_ratio_bound(KEPT_UNITS["plain"]), device=device, memory_meter=memory_meter,
+                                 rank=rank, world_size=world_size, record=record,
+                                 check="FSDP2 + activation checkpointing")

@@ -20,11 +20,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_gpuconform.checks import (WithinTolerance, bitwise_reproducible, gather_float, mismatch, raise_if_any,
-                                      true_fp32)
+from pytest_gpuconform.checks import WithinTolerance, gather_float, mismatch, raise_if_any, true_fp32
+from ._composed_checkpointing import check_checkpointing_composes, kept_ratio_bound
 from ._sharded import compare_sharded, full_tensors, local, summary
-from ._transformer import BLOCKS, KEPT_UNITS, SEQ, WIDTH, Attention, Block, FeedForward, lm_batches, lm_loss, seeded, \
-    tiny_lm
+from ._transformer import KEPT_UNITS, SEQ, WIDTH, Attention, Block, FeedForward, lm_batches, seeded, tiny_lm
 
 BATCH = 2
 DATA_SEED = 5
@@ -111,41 +110,23 @@ def test_tensor_parallel_matches_single_process(kind, rank, world_size, device, 
 def test_tensor_parallel_with_activation_checkpointing(rank, world_size, device, record, memory_meter):
     """Every block tensor-parallel and checkpointed (the recompute re-runs the sharded
     matmuls and their collectives): gradients bitwise equal to TP without checkpointing, and
-    fewer bytes kept after forward."""
+    fewer bytes kept after forward. Under TP a rank keeps only its share of q, k, v, the
+    attention output and the MLP's up/GELU outputs: 4 + 12/N units per plain block."""
     init_device_mesh, parallelize_module, *_ = _tp()
     mesh = init_device_mesh(device.type, (world_size,))
     x, y = lm_batches(1, BATCH, device, seed=DATA_SEED)[0]
-    grads, kept = {}, {}
-    with bitwise_reproducible(device):
-        for recompute in (False, True):
-            model = tiny_lm(device, recompute=recompute)
-            for layer in model.layers:
-                parallelize_module(layer, mesh, _plan("block"))
-            with memory_meter.track(device) as m:
-                out = model(x)
-                kept[recompute] = m.settled_live_bytes()
-                lm_loss(out, y).backward()
-            grads[recompute] = {n: local(p.grad).clone() for n, p in model.named_parameters()}
-    problems = [found for name in grads[False]
-                if (found := mismatch(grads[True][name], grads[False][name], f"grad {name!r} with checkpointing"))]
-    bound = tp_kept_ratio_bound(world_size)
-    ratio = kept[True] / kept[False]
-    record("kept_after_forward_ratio", max(gather_float(ratio, world_size)))
-    record("kept_after_forward_ratio_max", bound)
-    if ratio > bound:
-        problems.append(f"checkpointed TP model keeps {kept[True]} B after forward vs {kept[False]} B without: "
-                        f"ratio {ratio:.3g} > bound {bound:.3g}")
-    raise_if_any(summary(problems), rank, world_size, "tensor parallel + activation checkpointing")
 
+    def build(recompute):
+        model = tiny_lm(device, recompute=recompute)
+        for layer in model.layers:
+            parallelize_module(layer, mesh, _plan("block"))
+        return model
 
-def tp_kept_ratio_bound(world_size: int) -> float:
-    """Twice the analytic ratio of bytes kept after forward, checkpointed over plain. Under
-    TP a rank keeps its share of q, k, v, the attention output and the MLP's up/GELU
-    outputs (1 + 3/N + 1/N + 1 + 1 + 8/N + 1 units) per block; checkpointed, one; the tail
-    (final norm and head, ~2 units) is common to both."""
-    plain = KEPT_UNITS["plain"] - 12 + 12 / world_size
-    tail = 2
-    return 2 * (BLOCKS * KEPT_UNITS["checkpointed"] + tail) / (BLOCKS * plain + tail)
+    sharded_units = 12  # of KEPT_UNITS["plain"]: q, k, v, attention output, up and GELU outputs
+    plain = KEPT_UNITS["plain"] - sharded_units + sharded_units / world_size
+    check_checkpointing_composes(build, x, y, kept_ratio_bound(plain), device=device, memory_meter=memory_meter,
+                                 rank=rank, world_size=world_size, record=record,
+                                 check="tensor parallel + activation checkpointing")
 
 
 # -- DTensor redistribute ----------------------------------------------------------------------
@@ -220,7 +201,11 @@ def test_dtensor_redistribute_exact(transition, rank, world_size, device, record
     problems = []
     if result.placements != (_placement(target),):
         problems.append(f"placements {result.placements}, expected ({_placement(target)},)")
-    found = mismatch(result.to_local(), _expected_local(full, target, rank, world_size), f"{transition}: local part")
+    got, want = result.to_local(), _expected_local(full, target, rank, world_size)
+    found = mismatch(got, want, f"{transition}: local part")
     problems.extend([found] if found else [])
+    wrong = int((got != want).sum()) if got.shape == want.shape else got.numel() + want.numel()
     record("elements", full.numel())
+    record("wrong_elements", max(gather_float(wrong, world_size)))
+    record("wrong_elements_max", 0)
     raise_if_any(summary(problems), rank, world_size, f"DTensor redistribute {source} -> {target}")

@@ -99,7 +99,7 @@ def cases(tmp_path_factory):
 @pytest.mark.parametrize("dtype, bound", [("bf16", "0.0078125"), ("fp32", "1e-05")])
 def test_fused_output_off_by_two_bounds_is_caught(cases, dtype, bound):
     assert_caught(cases, f"test_fault_sdpa_output_off::{TEST}[cpu-{dtype}-flash-causal]",
-                  f"SDPA flash (causal, torch.", "output: rel_l2=0.01", f"> bound {bound} vs math in fp64")
+                  "SDPA flash (causal, torch.", "output: rel_l2=0.01", f"> bound {bound} vs math in fp64")
 
 
 def test_fused_gradients_off_by_two_bounds_is_caught(cases):
