@@ -113,7 +113,12 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_intra_op_thread"),
+    # torch's own modules that inductor imports use the deprecated jit decorators (2.13).
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
 
 
 def test_compiled_block_matches_eager(device, tolerance, record, inductor_cache_dir):
