@@ -74,7 +74,7 @@ def gpu(request: pytest.FixtureRequest):
 
 @pytest.fixture
 def tolerance(request: pytest.FixtureRequest):
-    """The tolerance row (rtol, atol, rel_l2, loss_rel) for this test's dtype."""
+    """The tolerance row (rtol, atol, rel_l2, loss_rel, sdpa_*) for this test's dtype."""
     return request.config.stash[SETTINGS_KEY].tolerances[plan_of(request.node).dtype or "fp32"]
 
 

@@ -21,6 +21,8 @@ are not.
 * CUDA numerics (``numerics``): true fp32 references (``true_fp32``: TF32 off) and
   bitwise-reproducible blocks (``bitwise_reproducible``); no-ops on CPU.
 * Memory (``memory``): ``MemoryMeter``, bytes a block keeps alive on any device.
+* Dispatched ops (``dispatch``): ``recorded_ops``, which aten ops a block ran and in which
+  dtypes (the kernel that really ran, the precision it really ran in).
 * ``Tolerance``: the row type of the tolerance table the ``tolerance`` fixture returns.
 * ``hardware`` (import it as a module): NVML health, throughput timing, performance floors
   and peer comparison, as the shipped hardware checks use them.
@@ -29,6 +31,7 @@ are not.
 from ..collection.tolerances import Tolerance
 from .bandwidth import Bandwidth, bus_factor, measure_bandwidth
 from .compare import WithinTolerance, mismatch, not_close, relative_l2, structure_mismatch, too_far
+from .dispatch import recorded_ops
 from .exact_tally import ExactTally
 from .integer_data import bit_patterns, exact_integer_bound, integer_values, is_unsigned, value_range
 from .memory import MemoryMeter, MemoryReading
@@ -55,6 +58,7 @@ __all__ = [
     "mismatch",
     "not_close",
     "raise_if_any",
+    "recorded_ops",
     "relative_l2",
     "same_on_all_ranks",
     "structure_mismatch",

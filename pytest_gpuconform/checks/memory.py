@@ -11,6 +11,12 @@ that also sees allocations made outside the dispatcher (cuBLAS workspaces, NCCL 
 Only storages created while the meter is active are counted, so the baseline at start is
 zero by construction: parameters and inputs that already exist cost nothing, and a view or
 an in-place op on them costs nothing either.
+
+Storage resizes from Python (``UntypedStorage.resize_``) bypass the dispatcher, and FSDP2
+frees and re-allocates its unsharded parameters exactly that way after every forward and
+backward. While a meter is active, ``resize_`` is wrapped so that a resize counts as the
+allocation or free it is: a tracked storage changes size, and a storage from before the
+block counts by how far it grows (or shrinks back) from its size when first resized.
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass
 class _Tracked:
-    nbytes: int
+    nbytes: int  # bytes counted for this storage: its size minus its baseline
+    baseline: int = 0  # size when first seen, for storages that existed before the block
 
 
 @dataclass
@@ -46,6 +54,25 @@ class MemoryReading:
     def live_bytes(self) -> int:
         """Bytes of storages created since the start that are still alive."""
         return self._tracker.current
+
+    def settled_live_bytes(self, quiet_s: float = 0.05, timeout_s: float = 2.0) -> int:
+        """``live_bytes`` once it has stopped changing for ``quiet_s`` (at most ``timeout_s``).
+
+        A collective's worker thread (gloo's, NCCL's watchdog) holds its buffers a moment
+        after the op has completed for the caller, so a reading taken right after a
+        distributed step sometimes includes a buffer that is about to be released (FSDP2's
+        all-gather output: one block's unsharded parameters, seen in ~5% of readings on a
+        loaded 2-core machine). Memory that is really kept stays and is counted."""
+        deadline = time.monotonic() + timeout_s
+        value, since = self.live_bytes, time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.005)
+            now = self.live_bytes
+            if now != value:
+                value, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                break
+        return value
 
     @property
     def peak_bytes(self) -> int:
@@ -68,23 +95,29 @@ def _counter_class():
     """The dispatch-mode counter, built on first use: it derives from TorchDispatchMode, and
     the plugin must not import torch before a test asks for a meter."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
     from torch.utils._pytree import tree_leaves
     from torch.utils.weak import WeakIdKeyDictionary
 
-    def _storage(t):
+    def _storages(t) -> list:
+        """The storages holding a tensor's data. A wrapper subclass (DTensor) has none of
+        its own: its data are its inner tensors, created by ops the mode does not see."""
         if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.is_sparse:
-            return None
+            return []
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            return [st for name in names for st in _storages(getattr(t, name))]
         try:
-            return t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses, nested)
-            return None
+            return [t.untyped_storage()]
+        except (RuntimeError, NotImplementedError):  # tensors without storage (nested, functional)
+            return []
 
     class LiveStorageCounter(TorchDispatchMode):
         """Counts bytes of storages created under the mode; frees arrive through weakrefs."""
 
         def __init__(self) -> None:
             super().__init__()
+            self._restore_resize: Callable[[], None] = lambda: None
             self.current = 0
             self.peak = 0
             self._tracked = WeakIdKeyDictionary()
@@ -94,10 +127,9 @@ def _counter_class():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            inputs = {id(s) for s in map(_storage, tree_leaves((args, kwargs))) if s is not None}
+            inputs = {id(st) for leaf in tree_leaves((args, kwargs)) for st in _storages(leaf)}
             for leaf in tree_leaves(out):
-                st = _storage(leaf)
-                if st is not None:
+                for st in _storages(leaf):
                     self._account(st, inputs)
             return out
 
@@ -106,17 +138,53 @@ def _counter_class():
             with self._lock:
                 entry = self._tracked.get(st)
                 if entry is not None:  # ours already: an in-place op may have resized it
-                    self._add(nbytes - entry.nbytes)
-                    entry.nbytes = nbytes
+                    self._count(entry, nbytes)
                     return
                 if id(st) in input_ids:  # a view or in-place result of storage made before us
                     return
-                entry = _Tracked(nbytes)
-                self._tracked[st] = entry
-                # The callback must not hold the storage; it holds the entry, whose size
-                # may change later.
-                weakref.finalize(st, self._release, entry).atexit = False
+                self._track(st, _Tracked(nbytes))
                 self._add(nbytes)
+
+        def __enter__(self):
+            own = vars(torch.UntypedStorage).get("resize_")  # None: inherited from the C base
+            resize = torch.UntypedStorage.resize_
+
+            def counted_resize(storage, nbytes):
+                before = storage.nbytes()
+                result = resize(storage, nbytes)
+                self._resized(storage, before)
+                return result
+
+            self._restore_resize = (
+                (lambda: setattr(torch.UntypedStorage, "resize_", own))
+                if own
+                else (lambda: delattr(torch.UntypedStorage, "resize_"))
+            )
+            torch.UntypedStorage.resize_ = counted_resize
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            self._restore_resize()
+            return super().__exit__(*exc)
+
+        def _resized(self, st, before: int) -> None:
+            with self._lock:
+                entry = self._tracked.get(st)
+                if entry is None:  # storage from before the block: count only its growth
+                    entry = self._track(st, _Tracked(0, baseline=before))
+                self._count(entry, st.nbytes())
+
+        def _track(self, st, entry: _Tracked) -> _Tracked:
+            self._tracked[st] = entry
+            # The callback must not hold the storage; it holds the entry, whose size may
+            # change later.
+            weakref.finalize(st, self._release, entry).atexit = False
+            return entry
+
+        def _count(self, entry: _Tracked, size: int) -> None:
+            counted = size - entry.baseline
+            self._add(counted - entry.nbytes)
+            entry.nbytes = counted
 
         def _release(self, entry: _Tracked) -> None:
             with self._lock:

@@ -159,3 +159,52 @@ def test_fixture_reaches_tests_of_an_enabled_run(pytester):
     """)
     result = pytester.runpytest("--gpuconform", "-p", "no:cacheprovider", ".")
     result.assert_outcomes(passed=1)
+
+
+def test_storage_resizes_count_as_allocations_and_frees(meter):
+    """FSDP2 frees unsharded parameters with ``storage.resize_(0)`` and re-allocates them
+    with ``resize_(n)``, outside the dispatcher; the meter must see both."""
+    before = torch.empty(100)  # exists before the block: only its growth counts
+    with meter.track() as m:
+        made = torch.empty(50)
+        made.untyped_storage().resize_(0)
+        assert m.live_bytes == 0, f"a tracked storage resized to 0 still counts {m.live_bytes} B"
+        made.untyped_storage().resize_(400)
+        before.untyped_storage().resize_(1000)
+        assert (m.live_bytes, m.peak_bytes) == (400 + 600, 1000)
+        before.untyped_storage().resize_(400)
+        assert m.live_bytes == 400, f"shrinking a pre-existing storage back: {m.live_bytes} B"
+    assert "resize_" not in vars(torch.UntypedStorage), "the resize_ wrapper outlived the block"
+    del made
+    assert m.live_bytes == 0
+
+
+def test_wrapper_subclass_is_counted_by_its_inner_tensors(meter):
+    """A DTensor-like wrapper has no storage of its own: its data are inner tensors made by
+    ops the mode does not see; the meter counts those (TwoTensor: two inner tensors)."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    a = two_tensor.TwoTensor(torch.ones(10), torch.ones(10))
+    with meter.track() as m:
+        b = a * 2
+        assert m.live_bytes == 80, f"wrapper of 2 x 40 B counted as {m.live_bytes} B"
+        view = b.view(2, 5)
+        assert m.live_bytes == 80, f"a view of the wrapper counted again: {m.live_bytes} B"
+        del b, view
+    assert m.live_bytes == 0
+
+
+def test_settled_reading_waits_for_a_worker_thread_to_let_go(meter):
+    """A buffer a communication thread releases a moment later is not counted as kept."""
+    import threading
+
+    with meter.track() as m:
+        held = [torch.empty(1000)]
+        release = threading.Timer(0.03, held.clear)
+        release.start()
+        settled = m.settled_live_bytes()
+        release.join()
+    assert settled == 0, f"settled reading {settled} B includes a buffer released after 30 ms"
+    with meter.track() as m:
+        kept = torch.empty(10)
+        assert m.settled_live_bytes(quiet_s=0.01) == 40
+    del kept
