@@ -141,15 +141,19 @@ def test_messages_in_the_wrong_buffers_are_caught(cases):
     )
 
 
+# Which rank sees the early exit depends on how far apart the ranks start the test (nothing
+# lines them up when the barrier does not wait), so the messages are checked for what every
+# catch says: the barrier, a rank that left, the ranks it left behind, the lateness.
 def test_barrier_that_does_not_wait_is_caught(cases):
     assert_caught(
         cases,
         "test_fault_barrier_returns_at_once::test_barrier_synchronises[ws2-cpu-async_op]",
-        "barrier(async_op): 2 of 2 ranks wrong",
-        "rank 0: barrier(async_op) late rank 1: left after",
-        "before rank(s) [1] arrived (rank 1 arrived 1.0 s late)",
-        "rank 1: barrier(async_op) late rank 0: left after",
-        "before rank(s) [0] arrived",
+        "barrier(async_op): ",
+        " ranks wrong: rank ",
+        ": barrier(async_op) late rank ",
+        ": left after ",
+        " s, before rank(s) [",
+        " arrived 1.0 s late)",
     )
 
 
@@ -157,6 +161,8 @@ def test_monitored_barrier_that_does_not_wait_is_caught(cases):
     assert_caught(
         cases,
         "test_fault_monitored_barrier_returns_at_once::test_monitored_barrier_synchronises[ws2-cpu-True]",
-        "rank 0: monitored_barrier(wait_all_ranks=True) late rank 1: left after",
-        "before rank(s) [1] arrived",
+        ": monitored_barrier(wait_all_ranks=True) late rank ",
+        ": left after ",
+        " s, before rank(s) [",
+        " arrived 1.0 s late)",
     )
