@@ -14,16 +14,25 @@ def _note(tag=""):
     with open(os.path.join({out!r}, os.environ["PYTEST_XDIST_WORKER"] + ".txt"), "a") as f:
         f.write(f"{{os.environ.get('CUDA_VISIBLE_DEVICES')}} {{os.environ.get('CUDA_DEVICE_ORDER')}} {{tag}}\\n")
 
+def _replacement_has_run():
+    return any(not name.startswith(("gw0", "gw1")) for name in os.listdir({out!r}) if name.startswith("gw"))
+
 {crasher}
 @pytest.mark.parametrize("i", range(8))
 def test_note(i):
     _note()
     time.sleep(0.6)
+    # After a crash the first workers wait (60 s at most) until the replacement has run a
+    # test, so a slow replacement start on a busy machine cannot leave it nothing to run.
+    deadline = time.time() + 60
+    while os.path.exists(os.path.join({out!r}, "crashed")) and not _replacement_has_run() and time.time() < deadline:
+        time.sleep(0.1)
 """
 
 CRASHER = """
 def test_crash():
     _note("crashed")
+    open(os.path.join({out!r}, "crashed"), "w").close()
     os._exit(1)
 """
 
@@ -99,7 +108,7 @@ def test_restarted_worker_keeps_its_gpu(run_gpuconform, pytester, fake_nvml, tmp
     fake_nvml({"gpus": [h100(0), h100(1)]})
     out = tmp_path / "notes"
     out.mkdir()
-    pytester.makepyfile(test_pin=RECORDER.format(out=str(out), crasher=CRASHER))
+    pytester.makepyfile(test_pin=RECORDER.format(out=str(out), crasher=CRASHER.format(out=str(out))))
     result = run_gpuconform("-n", "2", "--max-worker-restart", "2", "--maxschedchunk", "1")
     result.assert_outcomes(passed=8, failed=1)
     crashed = [p for p in out.glob("gw*.txt") if "crashed" in p.read_text()]
