@@ -23,7 +23,8 @@ functions, for the code that starts ranks (engine/rank, cluster mode) to call:
   NCCL set-up fails at rank start-up, not inside the first test) and binds the group to
   that GPU (no "devices used by this process are currently unknown" guess in barriers).
 * ``failure_sections`` / ``headline_hint``: NCCL's log tail of every rank, for the
-  failure's body, and its first ``NCCL WARN`` line, for the one-line message.
+  failure's body, and its first ``NCCL WARN`` line, for the one-line message; ``log_size``
+  taken before a test limits both to what that test added.
 """
 
 from __future__ import annotations
@@ -94,13 +95,22 @@ def process_group_kwargs(backend: str, deadline_seconds: float, device=None, con
     return kwargs
 
 
-def log_tail(path: str | os.PathLike, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES) -> str:
-    """The last ``lines`` lines of a NCCL log ("" when it is missing or empty)."""
+def log_size(path: str | os.PathLike) -> int:
+    """Where a log ends now: pass it as ``since`` to read only what one test added."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def log_tail(path: str | os.PathLike, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES, since: int = 0) -> str:
+    """The last ``lines`` lines of a NCCL log written after byte ``since`` ("" when there are
+    none). A reused rank keeps one log for many tests; ``since`` keeps earlier tests out."""
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
-            handle.seek(max(0, size - max_bytes))
+            handle.seek(max(since, size - max_bytes, 0))
             data = handle.read()
     except OSError:
         return ""
@@ -118,11 +128,14 @@ def warn_lines(text: str) -> list[str]:
     return found
 
 
-def failure_sections(paths: Mapping[int, str | os.PathLike], lines: int = TAIL_LINES) -> list[tuple[str, str]]:
-    """(title, text) per rank whose NCCL log has something, for the failure report."""
+def failure_sections(
+    paths: Mapping[int, str | os.PathLike], lines: int = TAIL_LINES, since: Mapping[int, int] | None = None
+) -> list[tuple[str, str]]:
+    """(title, text) per rank whose NCCL log has something (after ``since[rank]``), for the
+    failure report."""
     sections = []
     for rank in sorted(paths):
-        tail = log_tail(paths[rank], lines)
+        tail = log_tail(paths[rank], lines, since=(since or {}).get(rank, 0))
         if tail:
             sections.append((f"NCCL log of rank {rank} (last {lines} lines of {paths[rank]})", tail))
     return sections

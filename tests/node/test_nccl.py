@@ -101,3 +101,17 @@ def test_failure_sections_and_headline_name_the_rank(tmp_path):
         "rank 1: NCCL WARN Cuda failure 'peer access is not supported between these two devices'"
     )
     assert nccl.headline_hint({0: quiet}) is None
+
+
+def test_only_what_this_test_added_is_read(tmp_path):
+    """A reused rank keeps one NCCL log: the previous test's warnings are not this one's."""
+    path = tmp_path / "nccl-rank0.log"
+    path.write_text("node-a:1:1 [0] misc.cc:1 NCCL WARN an old warning\n")
+    start = nccl.log_size(path)
+    assert nccl.headline_hint({0: path}, since={0: start}) is None
+    with open(path, "a") as handle:
+        handle.write("node-a:1:1 [0] net.cc:9 NCCL WARN NET/IB : Got completion with error 12\n")
+    assert nccl.headline_hint({0: path}, since={0: start}) == "rank 0: NCCL WARN NET/IB : Got completion with error 12"
+    ((_, text),) = nccl.failure_sections({0: path}, since={0: start})
+    assert "old warning" not in text and "error 12" in text
+    assert nccl.log_size(tmp_path / "missing") == 0
