@@ -141,11 +141,11 @@ def failure_sections(
     return sections
 
 
-def headline_hint(paths: Mapping[int, str | os.PathLike]) -> str | None:
-    """ "rank R: NCCL WARN <message>" for the first rank that warned, for the one-line
-    failure message; None when no rank did."""
+def headline_hint(paths: Mapping[int, str | os.PathLike], since: Mapping[int, int] | None = None) -> str | None:
+    """The first warning of the first rank that warned (after ``since[rank]``), as
+    "rank R: NCCL WARN <message>", for the one-line failure message; None when none did."""
     for rank in sorted(paths):
-        warnings = warn_lines(log_tail(paths[rank], lines=200))
+        warnings = warn_lines(log_tail(paths[rank], lines=200, since=(since or {}).get(rank, 0)))
         if warnings:
             return f"rank {rank}: NCCL WARN {warnings[0]}"
     return None
