@@ -121,18 +121,19 @@ def _check_ops(ops, device, dtype, in_dtype, want_dtype, record, list_name):
     from pytest_gpuconform.checks import mismatch
 
     problems = []
-    for name, fn, args in ops:
-        inputs = _cast(args, in_dtype, device)
-        with bitwise_reproducible(device), torch.autocast(device.type, dtype=dtype):
-            out = fn(*inputs)
-        if out.dtype != want_dtype:
-            problems.append(f"{name} gave {out.dtype} (expected {want_dtype})")
-            continue
-        with bitwise_reproducible(device), torch.autocast(device.type, enabled=False):
-            reference = fn(*_cast(inputs, want_dtype, device))
-        problem = mismatch(out, reference, f"{name} vs {name} on inputs cast to {want_dtype} by hand")
-        if problem:
-            problems.append(problem)
+    with bitwise_reproducible(device, record):  # same kernels on both sides (recorded on CUDA)
+        for name, fn, args in ops:
+            inputs = _cast(args, in_dtype, device)
+            with torch.autocast(device.type, dtype=dtype):
+                out = fn(*inputs)
+            if out.dtype != want_dtype:
+                problems.append(f"{name} gave {out.dtype} (expected {want_dtype})")
+                continue
+            with torch.autocast(device.type, enabled=False):
+                reference = fn(*_cast(inputs, want_dtype, device))
+            problem = mismatch(out, reference, f"{name} vs {name} on inputs cast to {want_dtype} by hand")
+            if problem:
+                problems.append(problem)
     record("ops_checked", len(ops))
     record("ops_failed", len(problems))
     record("ops_failed_max", 0)
@@ -207,7 +208,7 @@ def test_autocast_block_matches_fp32(device, dtype, tolerance, record):
     from pytest_gpuconform.checks import relative_l2
 
     block, x, grad_out = _block_and_input(device)
-    with true_fp32(device):
+    with true_fp32(device, record):
         want, _ = _block_run(block, x, grad_out)
     got, linear_dtypes = _block_run(block, x, grad_out, autocast_dtype=dtype)
 
@@ -261,7 +262,7 @@ def _train_losses(device, autocast_dtype=None):
 @pytest.mark.dtype(*LOW_DTYPES)
 def test_autocast_training_tracks_fp32(device, dtype, tolerance, record):
     """A few Adam steps under autocast: every step's loss within ``loss_rel`` of fp32's."""
-    with true_fp32(device):
+    with true_fp32(device, record):
         want, _ = _train_losses(device)
     got, scales = _train_losses(device, autocast_dtype=dtype)
     record("scaler_backoffs", sum(later < earlier for earlier, later in zip(scales, scales[1:], strict=False)))

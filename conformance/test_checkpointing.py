@@ -6,8 +6,10 @@ autocast state) and if the memory is really given back. Each check runs the plai
 and the checkpointed one on the same device in the same process and compares:
 
 * outputs, input and parameter gradients bitwise (on CUDA with deterministic algorithms,
-  since recompute and forward must pick the same kernels), for ``checkpoint`` reentrant and
-  non-reentrant, ``checkpoint_sequential`` and selective checkpointing;
+  cuDNN benchmarking off and a deterministic cuBLAS workspace, since recompute and forward
+  must pick the same kernels; recorded as ``cuda_determinism``), for ``checkpoint``
+  reentrant and non-reentrant, ``checkpoint_sequential`` and selective checkpointing. TF32
+  needs no setting here: both sides run the same ops under the same switches;
 * dropout inside the region: equal to the plain run only if the RNG state is replayed, and
   a reference-free self-check that backward used forward's mask;
 * the same under autocast (the recompute must re-enter forward's autocast state);
@@ -168,7 +170,7 @@ def test_checkpoint_matches_plain(device, dtype, variant, record):
     """Outputs and gradients of the checkpointed model equal the plain model's, bitwise."""
     model, x, grad_out = _model_and_input(device, dtype)
     where = f"{variant} checkpoint vs plain ({dtype}, {device})"
-    with bitwise_reproducible(device):
+    with bitwise_reproducible(device, record):
         want = _forward_backward(model, x, grad_out, _runner("plain"))
         got = _checkpointed_run(where, model, x, grad_out, _runner(variant))
     _compare_bitwise(where, got, want, record)
@@ -185,7 +187,7 @@ def test_checkpoint_dropout_matches_plain(device, variant, record):
 
     model, x, grad_out = _model_and_input(device, torch.float32, dropout=DROPOUT)
     where = f"{variant} checkpoint with dropout p={DROPOUT} vs plain ({device})"
-    with bitwise_reproducible(device):
+    with bitwise_reproducible(device, record):
         want = _forward_backward(model, x, grad_out, _runner("plain"), seed=7)
         want["next random numbers"] = torch.rand(8, device=device)
         got = _checkpointed_run(where, model, x, grad_out, _runner(variant), seed=7)
@@ -261,7 +263,7 @@ def test_checkpoint_under_autocast_matches_plain(device, dtype, variant, record)
         return wrapped
 
     where = f"{variant} checkpoint vs plain under autocast({device.type}, {dtype})"
-    with bitwise_reproducible(device):
+    with bitwise_reproducible(device, record):
         want = _forward_backward(model, x, grad_out, under_autocast(run_plain))
         got = _checkpointed_run(where, model, x, grad_out, under_autocast(run_variant))
     _compare_bitwise(where, got, want, record)

@@ -8,6 +8,8 @@ and data survives a trip to the device and back.
 
 import pytest
 
+from pytest_gpuconform.checks.hardware import bare_uuid
+
 MIN_TORCH = (2, 0)
 
 
@@ -61,10 +63,17 @@ def test_cuda_usable_and_counts_agree(node_inventory, cuda_probe, record):
     assert cuda_probe["device_count"] == node.count, (
         f"torch sees {cuda_probe['device_count']} CUDA device(s), NVML sees {node.count}"
     )
-    nvml_uuids = [g.uuid for g in node.visible]
-    torch_uuids = [d["uuid"] for d in cuda_probe["devices"]]
-    if all(len(u) > 4 for u in torch_uuids):
-        assert sorted(torch_uuids) == sorted(nvml_uuids), f"UUIDs differ: torch {torch_uuids}, NVML {nvml_uuids}"
+    # CUDA prints UUIDs bare; NVML prefixes boards with GPU- and MIG devices with MIG-.
+    nvml_uuids = [bare_uuid(g.uuid) for g in node.visible]
+    torch_uuids = [bare_uuid(d["uuid"]) for d in cuda_probe["devices"]]
+    if all(torch_uuids):
+        assert sorted(torch_uuids) == sorted(nvml_uuids), (
+            f"CUDA and NVML see different devices: CUDA {torch_uuids}, NVML {nvml_uuids} "
+            f"(CUDA_VISIBLE_DEVICES={node_inventory.cuda_visible_devices!r}, "
+            f"CUDA_DEVICE_ORDER={node_inventory.cuda_device_order or 'unset'!r})"
+        )
+        # Checks map by UUID, so a different order is not a failure; it is worth knowing.
+        record("cuda_order_matches_inventory", torch_uuids == nvml_uuids)
 
 
 def test_driver_supports_torch_cuda(node_inventory, record):
@@ -111,7 +120,9 @@ def test_nccl_available(node_inventory, record):
 
 def test_bf16_claim_matches_capability(node_inventory, cuda_probe):
     assert "error" not in cuda_probe, cuda_probe.get("error")
-    for gpu, seen in zip(node_inventory.node.visible, cuda_probe["devices"], strict=False):
+    for seen in cuda_probe["devices"]:
+        gpu = node_inventory.node.find(seen["uuid"])  # by UUID: CUDA's order is not NVML's
+        assert gpu is not None, f"cuda:{seen['index']} ({seen['name']}, UUID {seen['uuid']}) is not listed by NVML"
         assert seen["bf16_supported"] == gpu.has_bf16, (
             f"{gpu.label()}: torch.cuda.is_bf16_supported() is {seen['bf16_supported']}, "
             f"compute capability says {gpu.has_bf16}"

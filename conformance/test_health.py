@@ -12,12 +12,20 @@ PCIe links drop generation (on some platforms width) while a GPU idles, to save 
 ``test_pcie_link_at_max`` notes an idle GPU below its maximum instead of failing it and
 test_performance.py::test_pcie_link_under_load judges the same link while a GEMM runs.
 Every failure line names the GPU by index, UUID and PCI bus id, and the counter with its
-value and bound.
+value and bound. Counters belong to boards: on a MIG node the boards the visible MIG
+devices live on are read.
 """
 
 import pytest
 
-from pytest_gpuconform.checks.hardware import HealthUnavailable, gpu_count_shortfall, health_rules, read_node, run_last
+from pytest_gpuconform.checks.hardware import (
+    HealthUnavailable,
+    gpu_count_shortfall,
+    health_rules,
+    missing_gpus,
+    read_node,
+    run_last,
+)
 
 
 def _require_gpus(health_watch, node_inventory, expect_gpus):
@@ -35,9 +43,13 @@ def node_health(health_watch, node_inventory, expect_gpus):
     """A fresh reading of every GPU the run uses."""
     _require_gpus(health_watch, node_inventory, expect_gpus)
     try:
-        return read_node(health_watch.uuids)
+        gpus = read_node(health_watch.uuids)
     except HealthUnavailable as exc:
         pytest.fail(f"NVML sees GPUs but health counters cannot be read: {exc}", pytrace=False)
+    gone = missing_gpus(health_watch.uuids, gpus)
+    if gone:
+        pytest.fail(f"GPU(s) {', '.join(gone)} visible at start-up are no longer listed by NVML", pytrace=False)
+    return gpus
 
 
 def _judge(gpus, rule, record, name):
@@ -101,6 +113,13 @@ def test_nvlinks_up(node_health, record):
             record(f"gpu{gpu.index}_nvlinks_up", sum(gpu.values["nvlink_up"]))
             record(f"gpu{gpu.index}_nvlinks", len(gpu.values["nvlink_up"]))
     _judge(node_health, health_rules.nvlink, record, "nvlink")
+
+
+def test_nvswitch_fabric_registered(node_health, record):
+    """HGX/NVL systems: the fabric manager registered every GPU with the NVSwitch fabric
+    (not applicable, and skipped with the reason, elsewhere)."""
+    _record_counters(node_health, record, ("fabric_state", "fabric_status"))
+    _judge(node_health, health_rules.fabric, record, "fabric")
 
 
 def test_persistence_mode_recorded(node_health, record):

@@ -22,13 +22,14 @@ from pytest_gpuconform.checks import hardware
 from pytest_gpuconform.checks.hardware import health_rules
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-ALL_REDUCE_NUMEL = 64 * 2**20  # 256 MiB of fp32: large enough for NCCL to reach its bus bandwidth
+ALL_REDUCE_NUMEL = hardware.ALL_REDUCE_BYTES // 4  # 1 GiB of fp32: where NCCL's bus bandwidth has plateaued
 
 
 @pytest.fixture(scope="module")
 def perf_setup(node_inventory, perf_floors, gpuconform_settings):
     node = node_inventory.node
-    return hardware.PerfSetup(tuple(node.gpus), tuple(node.visible), perf_floors, gpuconform_settings.peer_fraction)
+    # every board and MIG device: CUDA's UUIDs are matched against all of them
+    return hardware.PerfSetup(node.devices, tuple(node.visible), perf_floors, gpuconform_settings.peer_fraction)
 
 
 def _label(gpu, uuid: str, ordinal: int) -> str:
@@ -41,7 +42,7 @@ def test_gemm_throughput(precision, perf_setup, record):
     """Dense 8192^3 matmul TFLOP/s of every visible GPU against its floor and its peers."""
     import torch
 
-    problems, skipped_floors, measured = [], [], {}
+    problems, skipped_floors, measured, models = [], [], {}, {}
     for ordinal, uuid in hardware.cuda_devices():
         gpu = perf_setup.gpu(uuid)
         label = _label(gpu, uuid, ordinal)
@@ -53,6 +54,7 @@ def test_gemm_throughput(precision, perf_setup, record):
         name = f"gpu{gpu.index if gpu else ordinal}_{precision}_tflops"
         record(name, result.tflops)
         measured[label] = result.tflops
+        models.setdefault(gpu.name if gpu else torch.cuda.get_device_name(ordinal), []).append(label)
         model = perf_setup.floor_table.lookup(gpu.name if gpu else torch.cuda.get_device_name(ordinal))
         floor = model.gemm_tflops.get(precision) if model else None
         if floor is None:
@@ -65,10 +67,11 @@ def test_gemm_throughput(precision, perf_setup, record):
         if result.tflops < floor:
             problems.append(
                 f"{label}: {precision} GEMM {result.n}^3 = {result.tflops:.4g} TFLOP/s, "
-                f"bound >= {floor:.4g} (floor for {model.model})"
+                f"bound >= {floor:.4g} (floor for {model.model}: {model.gemm_basis.get(precision, 'see floors file')})"
             )
-    slow = hardware.slow_peers(measured, perf_setup.peer_fraction)
-    problems += [s.line(f"{precision} GEMM", "TFLOP/s", perf_setup.peer_fraction) for s in slow]
+    for labels in models.values():  # peers are GPUs of the same model
+        slow = hardware.slow_peers({label: measured[label] for label in labels}, perf_setup.peer_fraction)
+        problems += [s.line(f"{precision} GEMM", "TFLOP/s", perf_setup.peer_fraction) for s in slow]
     if len(measured) < 2:
         record("peer_comparison", f"skipped: {len(measured)} GPU measured in this process, needs >= 2")
     for note in skipped_floors:
@@ -90,10 +93,15 @@ def test_pcie_link_under_load(perf_setup, record):
 
     problems, judged, notes = [], 0, []
     for ordinal, uuid in hardware.cuda_devices():
+        gpu = perf_setup.gpu(uuid)  # CUDA's UUID is bare; NVML's board is found by it
+        if gpu is None:
+            notes.append(f"{_label(gpu, uuid, ordinal)}: not listed by NVML")
+            continue
+        board = gpu.board_uuid  # PCIe links belong to the board, also under MIG
         loaded = {}
 
-        def read_link(uuid=uuid, loaded=loaded):
-            loaded.update({g.uuid: g for g in hardware.read_node([uuid])})
+        def read_link(board=board, loaded=loaded):
+            loaded.update({g.uuid: g for g in hardware.read_node([board])})
 
         precision = "bf16" if torch.cuda.get_device_capability(ordinal)[0] >= 8 else "fp16"
         # ~50 ms of warm-up brings the GPU to full clocks (and its link out of idle), then
@@ -101,9 +109,9 @@ def test_pcie_link_under_load(perf_setup, record):
         hardware.measure_gemm(
             torch.device("cuda", ordinal), precision, n=8192, warmup=40, repeats=80, while_loaded=read_link
         )
-        reading = loaded.get(uuid)
+        reading = loaded.get(board)
         if reading is None:
-            notes.append(f"GPU cuda:{ordinal} ({uuid}): not found through NVML")
+            notes.append(f"{gpu.label()}: NVML did not answer while the GEMM ran")
             continue
         for counter in ("pcie_gen", "pcie_max_gen", "pcie_width", "pcie_max_width"):
             if counter in reading.values:
@@ -121,11 +129,12 @@ def test_pcie_link_under_load(perf_setup, record):
 @pytest.mark.gpu
 @pytest.mark.world_size(2, 4, 8)
 def test_all_reduce_bus_bandwidth(rank, world_size, device, perf_setup, record):
-    """all_reduce bus bandwidth (nccl-tests' busbw) of 256 MiB fp32 over NCCL."""
+    """all_reduce bus bandwidth (nccl-tests' busbw) of 1 GiB fp32 over NCCL."""
     median_ms, busbw = hardware.measure_all_reduce(device, world_size, ALL_REDUCE_NUMEL)
     record("all_reduce_ms", median_ms)
     record("all_reduce_busbw_gbps", busbw)
-    models = {g.name for g in perf_setup.visible[:world_size]}
+    labels, names = _rank_gpus(device, world_size, perf_setup)
+    models = set(names)
     if len(models) != 1:
         pytest.skip(f"floor not judged: the {world_size} GPUs are of different models {sorted(models)}")
     name = models.pop()
@@ -139,8 +148,22 @@ def test_all_reduce_bus_bandwidth(rank, world_size, device, perf_setup, record):
         pytest.skip(f"measured {busbw:.4g} GB/s; floor not judged: {reason}")
     floor = model.all_reduce_busbw_gbps
     record("all_reduce_busbw_gbps_floor", floor)
-    gpus = ", ".join(g.label() for g in perf_setup.visible[:world_size])
     assert busbw >= floor, (
         f"all_reduce busbw over {world_size} ranks = {busbw:.4g} GB/s, bound >= {floor:.4g} "
-        f"(floor for {model.model}); GPUs {gpus}"
+        f"(floor for {model.model}: {model.busbw_basis}); GPUs {', '.join(labels)}"
     )
+
+
+def _rank_gpus(device, world_size, perf_setup):
+    """(label, model name) of every rank's GPU, in rank order. Each rank names its own GPU
+    by UUID: which boards the ranks got (inherited or leased under -n) is the rank's
+    business, not the controller's list."""
+    import torch
+
+    from pytest_gpuconform.checks import gather_text
+
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    gpu = perf_setup.gpu(uuid)
+    label = _label(gpu, uuid, device.index)
+    name = gpu.name if gpu else torch.cuda.get_device_name(device)
+    return gather_text(label, world_size), gather_text(name, world_size)

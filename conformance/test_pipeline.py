@@ -13,7 +13,10 @@ so the parity check doubles as the regression test for it.
 
 Losses are means and schedules keep ``scale_grads=True`` (the default users get), so the
 reference is the full-batch mean loss. Differences come only from summation order and
-are bounded by the fp32 row of the tolerance table (observed on gloo: ~2e-9).
+are bounded by the fp32 row of the tolerance table (observed on gloo: ~2e-9). On CUDA
+both sides run with TF32 off (``true_fp32``, recorded as ``tf32``): microbatches and the
+full batch are different GEMM shapes, and with TF32 each would carry a 10-bit-mantissa
+error far above that row, whatever a site's default.
 
 Memory: a rank holds only its stages (its peak while stepping is below one process's
 peak for the whole model), and 1F1B keeps at most about (stages - rank) microbatches of
@@ -29,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pytest_gpuconform.checks import WithinTolerance, gather_float, raise_if_any
+from pytest_gpuconform.checks import WithinTolerance, gather_float, raise_if_any, true_fp32
 
 from ._dist_models import LinearStage, global_batches, pipeline_blocks
 
@@ -151,13 +154,14 @@ def test_schedule_matches_sequential(schedule_name, rank, world_size, device, to
     stage_modules = {f"{i}.": modules[i] for i in indices}
 
     problems, worst, close = [], 0.0, WithinTolerance(tolerance.rtol, tolerance.atol)
-    for step, (x, y) in enumerate(_data(n_mb * MICROBATCH, WIDTH, device), start=1):
-        for module in modules.values():
-            module.zero_grad()
-        out, losses = _step(schedule, x, y, *first_last)
-        ref = _reference_step(reference, x, y)
-        problems += _compare_step(step, out, losses, stage_modules, ref, first_last, close)
-        worst = max(worst, _max_grad_diff(stage_modules, ref[2]))
+    with true_fp32(device, record):
+        for step, (x, y) in enumerate(_data(n_mb * MICROBATCH, WIDTH, device), start=1):
+            for module in modules.values():
+                module.zero_grad()
+            out, losses = _step(schedule, x, y, *first_last)
+            ref = _reference_step(reference, x, y)
+            problems += _compare_step(step, out, losses, stage_modules, ref, first_last, close)
+            worst = max(worst, _max_grad_diff(stage_modules, ref[2]))
     record("max_abs_grad_diff_vs_sequential", max(gather_float(worst, world_size)))
     record("tolerance_used", max(gather_float(close.used, world_size)))
     record("tolerance_used_bound", 1.0)
@@ -191,13 +195,14 @@ def test_traced_pipeline_matches_sequential(schedule_name, rank, world_size, dev
         problems.append(f"stage {rank} holds {held} parameters; its slice has {slice_numel}, the whole model {whole}")
     first_last = (rank == 0, rank == n_stages - 1)
     worst, close = 0.0, WithinTolerance(tolerance.rtol, tolerance.atol)
-    for step, (x, y) in enumerate(data, start=1):
-        stage_module.zero_grad()
-        out, losses = _step(schedule, x, y, *first_last)
-        ref = _reference_step(reference, x, y)
-        # The traced stage keeps the full names ("1.linear.weight"): no prefix needed.
-        problems += _compare_step(step, out, losses, {"": stage_module}, ref, first_last, close)
-        worst = max(worst, _max_grad_diff({"": stage_module}, ref[2]))
+    with true_fp32(device, record):
+        for step, (x, y) in enumerate(data, start=1):
+            stage_module.zero_grad()
+            out, losses = _step(schedule, x, y, *first_last)
+            ref = _reference_step(reference, x, y)
+            # The traced stage keeps the full names ("1.linear.weight"): no prefix needed.
+            problems += _compare_step(step, out, losses, {"": stage_module}, ref, first_last, close)
+            worst = max(worst, _max_grad_diff({"": stage_module}, ref[2]))
     record("stage_param_ratio", held / whole)
     record("max_abs_grad_diff_vs_sequential", max(gather_float(worst, world_size)))
     record("tolerance_used", max(gather_float(close.used, world_size)))

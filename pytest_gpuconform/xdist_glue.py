@@ -5,9 +5,10 @@ are written by the controller, health counters are compared there once more, bas
 are saved there). ``XdistGlue`` holds the xdist hooks; plugin.py registers it only when
 the xdist plugin is active, as pytest-randomly does, so nothing here runs otherwise.
 
-On a GPU node each worker owns one GPU: the controller pins worker N to a GPU token through
-its execnet spec (so ``CUDA_VISIBLE_DEVICES`` is set before the worker imports torch, and a
-restarted worker keeps its GPU) and hands every worker the node's GPU list, from which
+On a GPU node each worker owns one GPU: the controller pins worker N to a GPU by UUID through
+its execnet spec (so ``CUDA_VISIBLE_DEVICES`` is set before the worker imports torch, a
+restarted worker keeps its GPU, and the UUID means the same board whatever the worker's
+``CUDA_DEVICE_ORDER``) and hands every worker the node's GPU list, from which
 multi-rank tests lease whole GPUs (engine/gpu_lease.py). ``-n auto`` means one worker per
 GPU; xdist resolves it before ``pytest_configure``, so that one hook is declared in plugin.py
 and answered by ``XdistGlue.auto_num_workers``.
@@ -74,9 +75,12 @@ class XdistGlue:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_setupnodes(self, config: pytest.Config, specs) -> None:
-        from .node.pinning import pin_workers_to_gpus
+        """Pin from the run's inventory, so workers get exactly the GPUs the header listed."""
+        from .node.inventory import INVENTORY_KEY
+        from .node.pinning import gpu_tokens, pin_workers_to_gpus
 
-        pin_workers_to_gpus(specs)
+        inventory = config.stash.get(INVENTORY_KEY, None)
+        pin_workers_to_gpus(specs, gpu_tokens(node=inventory.node) if inventory is not None else None)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node) -> None:

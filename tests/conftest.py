@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -36,3 +38,23 @@ def run_gpuconform(pytester):
         return pytester.runpytest_subprocess("--gpuconform", "-p", "no:cacheprovider", ".", *args, **kwargs)
 
     return run
+
+
+@pytest.fixture
+def fake_pynvml(tmp_path, monkeypatch):
+    """The fake pynvml in *this* process (for readers and rules called directly);
+    returns write(config) -> the module."""
+    spec = importlib.util.spec_from_file_location("pynvml", FAKE_NVML_DIR / "pynvml.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    path = tmp_path / "nvml.json"
+    monkeypatch.setenv("FAKE_NVML", str(path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+
+    def write(config: dict):
+        path.write_text(json.dumps(config))
+        return module
+
+    return write

@@ -18,8 +18,10 @@ are not.
 * Rank verdicts (``rank_verdicts``): every rank states what it found, all ranks fail
   together (``raise_if_any``); bitwise agreement with rank 0 (``same_on_all_ranks``);
   gathering one number or string from every rank (``gather_float``, ``gather_text``).
-* CUDA numerics (``numerics``): true fp32 references (``true_fp32``: TF32 off) and
-  bitwise-reproducible blocks (``bitwise_reproducible``); no-ops on CPU.
+* CUDA numerics (``numerics``): true fp32 references (``true_fp32``: TF32 off for cuBLAS
+  and cuDNN on CUDA, oneDNN held to IEEE fp32 on CPU) and bitwise-reproducible blocks
+  (``bitwise_reproducible``: deterministic kernels on CUDA, nothing to do on CPU); pass
+  ``record`` to either and the JUnit case says what was set.
 * Memory (``memory``): ``MemoryMeter``, bytes a block keeps alive on any device.
 * Dispatched ops (``dispatch``): ``recorded_ops``, which aten ops a block ran and in which
   dtypes (the kernel that really ran, the precision it really ran in).

@@ -12,11 +12,14 @@ process never creates a CUDA context. GPUs are named with ``gpu_label`` everywhe
 from ..collection.reasons import gpu_count_shortfall
 from ..health import rules as health_rules
 from ..health.readings import GpuHealth, HealthUnavailable, read_node
+from ..health.readings import missing as missing_gpus
 from ..health.watch import run_last
+from ..node.identity import bare_uuid
 from ..node.labels import cuda_ordinal_label, gpu_label
 from ..node.probe import run_probe
 from ..perf.floors import FloorTable, ModelFloors
 from ..perf.measure import (
+    ALL_REDUCE_BYTES,
     GemmResult,
     PerfSetup,
     bus_bandwidth_gbps,
@@ -28,6 +31,7 @@ from ..perf.measure import (
 from ..perf.peers import SlowPeer, slow_peers
 
 __all__ = [
+    "ALL_REDUCE_BYTES",
     "FloorTable",
     "GemmResult",
     "GpuHealth",
@@ -35,6 +39,7 @@ __all__ = [
     "ModelFloors",
     "PerfSetup",
     "SlowPeer",
+    "bare_uuid",
     "bus_bandwidth_gbps",
     "cuda_devices",
     "cuda_ordinal_label",
@@ -44,6 +49,7 @@ __all__ = [
     "health_rules",
     "measure_all_reduce",
     "measure_gemm",
+    "missing_gpus",
     "read_node",
     "run_last",
     "run_probe",

@@ -17,6 +17,15 @@ frees and re-allocates its unsharded parameters exactly that way after every for
 backward. While a meter is active, ``resize_`` is wrapped so that a resize counts as the
 allocation or free it is: a tracked storage changes size, and a storage from before the
 block counts by how far it grows (or shrinks back) from its size when first resized.
+
+CUDA allocator numbers are taken the way they stay meaningful: the device is synchronised
+before each reading (so "after forward" means after forward's kernels, and a faulting
+kernel shows up here, not in the next test); the peak statistic is reset at the start of
+each measurement and read at its end; only *allocated* bytes are used, never *reserved*
+ones, which include the caching allocator's free blocks and depend on what ran before.
+``reset_peak_memory_stats`` is global per device, so a measurement inside another one
+would cut the outer peak short: open measurements on a device fold the peak seen so far
+into their own before an inner one resets it.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ class MemoryReading:
     _tracker: Any = field(repr=False)
     cuda_start_bytes: int | None = None
     cuda_peak_bytes: int | None = None  # set when the block ends
+    _cuda_peak_so_far: int = field(default=0, repr=False)  # absolute peak before an inner reset
 
     @property
     def live_bytes(self) -> int:
@@ -198,6 +208,16 @@ def _counter_class():
     return LiveStorageCounter
 
 
+# Open CUDA measurements per device index, innermost last (see the module docstring).
+_OPEN: dict[int, list[MemoryReading]] = {}
+
+
+def _cuda_device(torch, device):
+    """``cuda`` without an index means the current device: pin it, so every reading of one
+    measurement asks the same GPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+
+
 class MemoryMeter:
     """``with meter.track(device) as m: ...`` then read ``m.live_bytes``, ``m.peak_bytes``.
 
@@ -209,15 +229,28 @@ class MemoryMeter:
         import torch
 
         device = torch.device(device) if device is not None else torch.device("cpu")
-        counter = _counter_class()()
-        reading = MemoryReading(device=device, _tracker=counter)
         on_cuda = device.type == "cuda"
         if on_cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            reading.cuda_start_bytes = torch.cuda.memory_allocated(device)
-        with counter:
-            yield reading
+            device = _cuda_device(torch, device)
+        counter = _counter_class()()
+        reading = MemoryReading(device=device, _tracker=counter)
+        open_here = _OPEN.setdefault(device.index if on_cuda else -1, [])
         if on_cuda:
             torch.cuda.synchronize(device)
-            reading.cuda_peak_bytes = torch.cuda.max_memory_allocated(device) - reading.cuda_start_bytes
+            peak_so_far = torch.cuda.max_memory_allocated(device)
+            for outer in open_here:
+                outer._cuda_peak_so_far = max(outer._cuda_peak_so_far, peak_so_far)
+            torch.cuda.reset_peak_memory_stats(device)
+            reading.cuda_start_bytes = torch.cuda.memory_allocated(device)
+            open_here.append(reading)
+        try:
+            with counter:
+                yield reading
+        finally:
+            if on_cuda:
+                open_here.remove(reading)
+                torch.cuda.synchronize(device)
+                peak = max(reading._cuda_peak_so_far, torch.cuda.max_memory_allocated(device))
+                reading.cuda_peak_bytes = peak - (reading.cuda_start_bytes or 0)
+                for outer in open_here:  # the inner block's peak belongs to the outer ones too
+                    outer._cuda_peak_so_far = max(outer._cuda_peak_so_far, peak)

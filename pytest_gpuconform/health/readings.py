@@ -6,14 +6,27 @@ rules.py's job; this module only asks and writes down the answers, in three kind
 * a value (``values``);
 * not applicable (``not_applicable``): the card or driver does not offer the counter
   (``NotSupported``: no ECC on GeForce, row remapping only on Ampere+ datacenter parts,
-  retired pages only before Ampere, no NVLink on PCIe cards), the container may not read it
-  (``NoPermission``), or the driver predates the call (``FunctionNotFound``). Never a failure;
+  retired pages only before Ampere, no NVLink on PCIe cards, no NVSwitch fabric outside
+  HGX/NVL systems), the container may not read it (``NoPermission``), or the driver
+  predates the call (``FunctionNotFound``). Never a failure;
 * an NVML error (``errors``): anything else (``GpuIsLost``, ``Unknown``) is itself a
   finding and fails the check that needed the counter.
 
 Where NVML renamed a call, the new name is tried first and the deprecated one second, so
 the same code works on drivers from before and after the rename (clocks "event" reasons
 were "throttle" reasons before r535; the old name goes away with CUDA 14).
+
+What an H100 or H200 (Hopper) answers: volatile and aggregate ECC counts and row
+remapping (``nvmlDeviceGetRemappedRows``) are supported; page retirement is not
+(``nvmlDeviceGetRetiredPagesPendingStatus`` says NotSupported on Ampere and later, whose
+HBM is repaired by row remapping instead), so that counter is not applicable there and
+the remap counters carry the memory-repair verdict. On HGX boards the NVSwitch fabric
+state (``nvmlDeviceGetGpuFabricInfo``, Hopper and later) must be "completed": until the
+fabric manager has registered a GPU, CUDA fails to initialise on it. Each counter is read
+on its own, so one NotSupported never hides the others.
+
+Health belongs to boards: a MIG device is read through its parent board
+(``GpuInfo.board_uuid``), whose ECC, remap, link and XID counters it shares.
 """
 
 from __future__ import annotations
@@ -160,7 +173,48 @@ def _read_persistence(r: _Reader) -> None:
     r.put("persistence_mode", None if mode is None else int(mode))
 
 
-READERS = (_read_ecc, _read_memory_repair, _read_clocks, _read_pcie, _read_nvlink, _read_persistence)
+def _read_fabric(r: _Reader) -> None:
+    """NVSwitch fabric registration (Hopper+ HGX/NVL): state and status of the GPU's probe.
+
+    Each call fills a structure of its own version, so _Reader.call's renamed-call fallback
+    does not fit; the same three outcomes are sorted here.
+    """
+    p = r.pynvml
+    for function, struct in (
+        ("nvmlDeviceGetGpuFabricInfoV", "c_nvmlGpuFabricInfoV_t"),
+        ("nvmlDeviceGetGpuFabricInfo", "c_nvmlGpuFabricInfo_t"),
+    ):
+        if not (hasattr(p, function) and hasattr(p, struct)):
+            continue
+        info = getattr(p, struct)()
+        try:
+            getattr(p, function)(r.handle, info)
+        except p.NVMLError as exc:
+            if type(exc).__name__ == "NVMLError_FunctionNotFound":
+                continue
+            if r._is_not_applicable(exc):
+                r.health.not_applicable["fabric"] = str(exc) or type(exc).__name__
+            else:
+                r.health.errors["fabric"] = f"{type(exc).__name__}: {exc}"
+            return
+        if int(info.state) == int(getattr(p, "NVML_GPU_FABRIC_STATE_NOT_SUPPORTED", 0)):
+            r.health.not_applicable["fabric"] = "NotSupported (no NVSwitch fabric on this system)"
+            return
+        r.put("fabric_state", int(info.state))
+        r.put("fabric_status", int(info.status))
+        return
+    r.health.not_applicable["fabric"] = "FunctionNotFound (binding or driver predates GPU fabric info)"
+
+
+READERS = (
+    _read_ecc,
+    _read_memory_repair,
+    _read_clocks,
+    _read_pcie,
+    _read_nvlink,
+    _read_persistence,
+    _read_fabric,
+)
 
 
 def read_gpu(pynvml, handle, index: int) -> GpuHealth:
@@ -176,10 +230,18 @@ def read_gpu(pynvml, handle, index: int) -> GpuHealth:
     return health
 
 
-def read_node(uuids: list[str] | None = None) -> list[GpuHealth]:
-    """Health of the GPUs with these UUIDs (all GPUs when None), in NVML index order.
+def missing(uuids: list[str], found: list[GpuHealth]) -> list[str]:
+    """Board UUIDs asked for but not listed by NVML (a board that fell off the bus)."""
+    seen = {g.uuid for g in found}
+    return [u for u in uuids if u not in seen]
 
-    Raises ``HealthUnavailable`` when NVML cannot be asked at all.
+
+def read_node(uuids: list[str] | None = None) -> list[GpuHealth]:
+    """Health of the boards with these UUIDs (all boards when None), in NVML index order.
+
+    Board UUIDs only: map a MIG device to its board first (``GpuInfo.board_uuid``).
+    Raises ``HealthUnavailable`` when NVML cannot be asked at all; a board that is not
+    listed is simply absent from the result (``missing`` names it).
     """
     try:
         with nvml_session() as pynvml:

@@ -56,7 +56,12 @@ def reason_names(bits: int) -> str:
 def ecc(gpu: GpuHealth) -> Finding:
     counter = "ecc_uncorrected_volatile"
     if counter not in gpu.values:
-        return Finding(problems=_errors(gpu, (counter,))) if counter in gpu.errors else _not_applicable(gpu, (counter,))
+        if counter in gpu.errors:
+            return Finding(problems=_errors(gpu, (counter,)))
+        finding = _not_applicable(gpu, (counter,))
+        if gpu.values.get("ecc_mode") == 0:
+            finding.notes = [f"{gpu.label()}: not applicable (ECC mode is off on this board: no counts kept)"]
+        return finding
     value = gpu.values[counter]
     if value > 0:
         return Finding(
@@ -152,6 +157,62 @@ def nvlink(gpu: GpuHealth) -> Finding:
     return Finding()
 
 
+# NVSwitch fabric probe states (nvml.h, nvmlGpuFabricState_t).
+FABRIC_STATES = {0: "not supported", 1: "not started", 2: "in progress", 3: "completed"}
+FABRIC_COMPLETED = 3
+
+
+def fabric(gpu: GpuHealth) -> Finding:
+    """On NVSwitch systems (HGX H100/H200/B200, GB200 NVL) the fabric manager must have
+    registered the GPU: until then CUDA initialisation fails on it ("system not yet
+    initialized") and NCCL cannot use NVLink."""
+    if "fabric" in gpu.errors:
+        return Finding(problems=_errors(gpu, ("fabric",)))
+    if "fabric_state" not in gpu.values:
+        return _not_applicable(gpu, ("fabric",))
+    state, status = gpu.values["fabric_state"], gpu.values.get("fabric_status", 0)
+    problems = []
+    if state != FABRIC_COMPLETED:
+        problems.append(
+            f"{gpu.label()}: fabric_state = {state} ({FABRIC_STATES.get(state, 'unknown')}), bound {FABRIC_COMPLETED} "
+            "(completed): the NVSwitch fabric manager has not registered this GPU (is nvidia-fabricmanager running?)"
+        )
+    elif status != 0:
+        problems.append(
+            f"{gpu.label()}: fabric_status = {status}, bound 0 (NVML_SUCCESS): "
+            "fabric registration finished with an error"
+        )
+    return Finding(problems=problems)
+
+
+# XIDs an H100/H200 node reports for hardware trouble, named in failure messages (NVIDIA's
+# XID catalogue); any XID during the run fails, these just say what it was.
+XID_NAMES = {
+    13: "graphics engine exception",
+    31: "GPU memory page fault",
+    43: "GPU stopped processing",
+    45: "preemptive cleanup after earlier errors",
+    48: "double-bit ECC error",
+    61: "internal micro-controller breakpoint/warning",
+    62: "internal micro-controller halt",
+    63: "ECC page retirement or row remap recorded",
+    64: "ECC page retirement or row remap recording failed",
+    74: "NVLink error",
+    79: "GPU has fallen off the bus",
+    92: "high single-bit ECC error rate",
+    94: "contained ECC error",
+    95: "uncontained ECC error",
+    109: "context switch timeout",
+    119: "GSP RPC timeout",
+    120: "GSP error",
+    140: "unrecovered ECC error",
+}
+
+
+def xid_names(xids: list[int]) -> str:
+    return ", ".join(f"{x} ({XID_NAMES[x]})" if x in XID_NAMES else str(x) for x in xids)
+
+
 def counter_changes(before: GpuHealth, after: GpuHealth | None, xids: list[int]) -> list[str]:
     """Problems that appeared between two readings of the same GPU (and XIDs in between)."""
     if after is None:
@@ -168,6 +229,10 @@ def counter_changes(before: GpuHealth, after: GpuHealth | None, xids: list[int])
     for counter in ("row_remap_pending", "row_remap_failure", "retired_pages_pending"):
         if after.values.get(counter) and not before.values.get(counter):
             problems.append(f"{after.label()}: {counter} became true during the run, bound no change")
+    if before.values.get("fabric_state") == FABRIC_COMPLETED and after.values.get("fabric_state") != FABRIC_COMPLETED:
+        problems.append(
+            f"{after.label()}: fabric_state left 3 (completed) during the run: now {after.values.get('fabric_state')}"
+        )
     if xids:
-        problems.append(f"{after.label()}: xid_events = {xids} during the run, bound none")
+        problems.append(f"{after.label()}: xid_events = [{xid_names(xids)}] during the run, bound none")
     return problems

@@ -45,7 +45,8 @@ class HealthWatch:
     def __init__(self, config: pytest.Config, node: nvml.NodeGpus) -> None:
         self.config = config
         handed = getattr(config, "workerinput", {}).get(WORKERINPUT_KEY)
-        self.uuids: list[str] = handed["uuids"] if handed else [g.uuid for g in node.visible]
+        # Boards, not MIG slices: counters, links and XIDs belong to the board (readings.py).
+        self.uuids: list[str] = handed["uuids"] if handed else list(dict.fromkeys(g.board_uuid for g in node.visible))
         self._handed_start = handed
         self.start: list[readings.GpuHealth] | None = None
         self.start_error = ""
@@ -66,6 +67,10 @@ class HealthWatch:
                 self.start = readings.read_node(self.uuids)
             except readings.HealthUnavailable as exc:
                 self.start_error = str(exc)
+            else:
+                gone = readings.missing(self.uuids, self.start)
+                if gone:  # visible in the inventory moments ago, not listed now
+                    self.start_error = f"NVML does not list GPU(s) {', '.join(gone)} that the inventory saw"
         self._register_xid_events()
 
     def handoff(self) -> dict:

@@ -19,17 +19,38 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import identity
 from .labels import gpu_label
 
 
 @dataclass(frozen=True)
 class GpuInfo:
-    index: int  # NVML index: physical order, ignores CUDA_VISIBLE_DEVICES
+    """A board, or a MIG device on one (``parent_uuid`` set, ``uuid`` is ``MIG-...``)."""
+
+    index: int  # NVML index (of the parent board for a MIG device): PCI order, ignores CUDA_VISIBLE_DEVICES
     name: str
     uuid: str
     pci_bus_id: str
     memory_total_bytes: int
     compute_capability: tuple[int, int]
+    parent_uuid: str = ""  # MIG devices: the board they live on
+    mig_enabled: bool = False  # boards: MIG mode is on (CUDA then sees its MIG devices, not the board)
+    mig_slot: tuple[int, int] | None = None  # MIG devices: (GPU instance id, compute instance id)
+    mig_index: int | None = None  # MIG devices: NVML's index of the MIG device on its board
+
+    @property
+    def is_mig(self) -> bool:
+        return bool(self.parent_uuid)
+
+    @property
+    def board_uuid(self) -> str:
+        """The physical board: health counters, ECC and links belong to it, not to a MIG slice."""
+        return self.parent_uuid or self.uuid
+
+    @property
+    def key(self) -> str:
+        """Prefix of this device's inventory properties: ``gpu3`` or ``gpu3_mig1``."""
+        return f"gpu{self.index}" if self.mig_index is None else f"gpu{self.index}_mig{self.mig_index}"
 
     @property
     def memory_gib(self) -> float:
@@ -41,8 +62,9 @@ class GpuInfo:
         return self.compute_capability >= (8, 0)
 
     def label(self) -> str:
-        """``GPU 0 (GPU-..., bus 00000000:18:00.0)``: see labels.py."""
-        return gpu_label(self.index, self.uuid, self.pci_bus_id)
+        """``GPU 0 (GPU-..., bus 00000000:18:00.0)``, ``GPU 0 MIG 1 (MIG-..., bus ...)``: see labels.py."""
+        where = self.index if self.mig_index is None else f"{self.index} MIG {self.mig_index}"
+        return gpu_label(where, self.uuid, self.pci_bus_id)
 
     def describe(self) -> str:
         """The label with the model, memory and compute capability (header, skip reasons)."""
@@ -52,6 +74,7 @@ class GpuInfo:
     def as_dict(self) -> dict:
         data = asdict(self)
         data["compute_capability"] = ".".join(map(str, self.compute_capability))
+        data["mig_slot"] = list(self.mig_slot) if self.mig_slot else None
         return data
 
 
@@ -61,12 +84,24 @@ class NodeGpus:
     message: str = ""
     driver_version: str = ""
     cuda_driver_version: str = ""  # highest CUDA version the driver supports, "12.4"
-    gpus: tuple[GpuInfo, ...] = ()
-    visible: tuple[GpuInfo, ...] = field(default=())  # after CUDA_VISIBLE_DEVICES
+    gpus: tuple[GpuInfo, ...] = ()  # boards, in NVML index order
+    visible: tuple[GpuInfo, ...] = field(default=())  # what CUDA sees, in CUDA ordinal order (identity.py)
+    migs: tuple[GpuInfo, ...] = ()  # MIG devices of boards in MIG mode
+    visible_exact: bool = True  # False: NVML and CUDA could not pin down `visible` for sure
+    visible_note: str = ""  # how `visible` was decided when it was not plain
 
     @property
     def count(self) -> int:
         return len(self.visible)
+
+    @property
+    def devices(self) -> tuple[GpuInfo, ...]:
+        """Boards and MIG devices: everything a UUID from CUDA may name."""
+        return self.gpus + self.migs
+
+    def find(self, uuid: str) -> GpuInfo | None:
+        """The board or MIG device with this UUID, in any prefix form (``GPU-``, ``MIG-``, bare)."""
+        return identity.find(self.devices, uuid)
 
 
 class NvmlUnavailable(RuntimeError):
@@ -126,60 +161,94 @@ def _cuda_version(code: int) -> str:
     return f"{code // 1000}.{code % 1000 // 10}"
 
 
-def _read_gpu(pynvml, index: int) -> GpuInfo:
+def _mig_mode(pynvml, handle) -> bool:
+    """MIG mode of a board; boards without MIG (before Ampere, consumer cards) say NotSupported."""
+    function = getattr(pynvml, "nvmlDeviceGetMigMode", None)
+    if function is None:
+        return False
+    try:
+        current, _pending = function(handle)
+    except pynvml.NVMLError:
+        return False
+    return int(current) == int(getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1))
+
+
+def _read_gpu(pynvml, index: int) -> tuple[GpuInfo, tuple[GpuInfo, ...]]:
+    """A board and, when it is in MIG mode, its MIG devices."""
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    return GpuInfo(
+    board = GpuInfo(
         index=index,
         name=text(pynvml.nvmlDeviceGetName(handle)),
         uuid=text(pynvml.nvmlDeviceGetUUID(handle)),
         pci_bus_id=text(pynvml.nvmlDeviceGetPciInfo(handle).busId),
         memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
         compute_capability=(int(major), int(minor)),
+        mig_enabled=_mig_mode(pynvml, handle),
     )
+    return board, (_read_migs(pynvml, handle, board) if board.mig_enabled else ())
 
 
-def visible_gpus(gpus: tuple[GpuInfo, ...], cuda_visible_devices: str | None) -> tuple[GpuInfo, ...]:
-    """Apply CUDA_VISIBLE_DEVICES the way the CUDA runtime does.
+def _read_migs(pynvml, handle, board: GpuInfo) -> tuple[GpuInfo, ...]:
+    """The MIG devices that exist on a board in MIG mode (empty slots answer NotFound)."""
+    found = []
+    for slot in range(int(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle))):
+        try:
+            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except pynvml.NVMLError:
+            continue
+        found.append(
+            GpuInfo(
+                index=board.index,
+                name=text(pynvml.nvmlDeviceGetName(mig)),
+                uuid=text(pynvml.nvmlDeviceGetUUID(mig)),
+                pci_bus_id=board.pci_bus_id,
+                memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(mig).total),
+                compute_capability=board.compute_capability,
+                parent_uuid=board.uuid,
+                mig_slot=(int(pynvml.nvmlDeviceGetGpuInstanceId(mig)), int(pynvml.nvmlDeviceGetComputeInstanceId(mig))),
+                mig_index=slot,
+            )
+        )
+    return tuple(found)
 
-    Integer tokens are NVML indices (we set CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML's order);
-    ``GPU-`` tokens match a UUID prefix. As in CUDA, the list stops at the first token
-    that names no device, and an empty string hides every GPU.
+
+def query(environ: Mapping[str, str] | None = None, ask_cuda=None) -> NodeGpus:
+    """Ask NVML for the node's GPUs. Never raises: a broken driver is reported, not thrown.
+
+    ``visible`` is what a CUDA process with ``environ`` sees (identity.py). When NVML alone
+    cannot say (different models under FASTEST_FIRST, MIG), ``ask_cuda()`` (default: a
+    child process, probe.cuda_uuids) gives CUDA's own list of UUIDs.
     """
-    if cuda_visible_devices is None:
-        return gpus
-    chosen: list[GpuInfo] = []
-    for token in (t.strip() for t in cuda_visible_devices.split(",")):
-        if not token:
-            break
-        if token.lstrip("-").isdigit():
-            match = [g for g in gpus if g.index == int(token)]
-        else:
-            match = [g for g in gpus if g.uuid.startswith(token)]
-        if len(match) != 1 or match[0] in chosen:
-            break
-        chosen.append(match[0])
-    return tuple(chosen)
-
-
-def query(environ: Mapping[str, str] | None = None) -> NodeGpus:
-    """Ask NVML for the node's GPUs. Never raises: a broken driver is reported, not thrown."""
     environ = os.environ if environ is None else environ
     try:
         with nvml_session() as pynvml:
             try:
                 driver = text(pynvml.nvmlSystemGetDriverVersion())
                 cuda = _cuda_version(int(pynvml.nvmlSystemGetCudaDriverVersion()))
-                gpus = tuple(_read_gpu(pynvml, i) for i in range(int(pynvml.nvmlDeviceGetCount())))
+                read = [_read_gpu(pynvml, i) for i in range(int(pynvml.nvmlDeviceGetCount()))]
             except pynvml.NVMLError as exc:
                 return NodeGpus("error", f"NVML query failed: {exc}")
     except NvmlUnavailable as exc:
         return NodeGpus(exc.status, exc.message)
+    gpus = tuple(board for board, _ in read)
+    migs = tuple(mig for _, board_migs in read for mig in board_migs)
+    visible = identity.resolve(gpus, migs, environ)
+    if not visible.exact:
+        if ask_cuda is None:
+            from .probe import cuda_uuids
+
+            ask_cuda = lambda: cuda_uuids(environ)  # noqa: E731
+        visible = identity.with_cuda_answer(visible, gpus + migs, ask_cuda())
+    mig_note = f", {len(migs)} MIG device(s)" if migs else ""
     return NodeGpus(
         "ok",
-        f"driver {driver}, CUDA {cuda}, {len(gpus)} GPU(s)",
+        f"driver {driver}, CUDA {cuda}, {len(gpus)} GPU(s){mig_note}",
         driver_version=driver,
         cuda_driver_version=cuda,
         gpus=gpus,
-        visible=visible_gpus(gpus, environ.get("CUDA_VISIBLE_DEVICES")),
+        visible=visible.devices,
+        migs=migs,
+        visible_exact=visible.exact,
+        visible_note=visible.note,
     )

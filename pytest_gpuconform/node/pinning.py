@@ -3,10 +3,15 @@
 ``CUDA_VISIBLE_DEVICES`` is written into each worker's execnet spec, so it is set before the
 worker interpreter imports torch, and a worker that crashes is replaced from the same spec:
 it keeps its GPU (a ``worker_id % n`` rule computed in the worker would not).
-An outer ``CUDA_VISIBLE_DEVICES`` (a Slurm or Kubernetes allocation) is indexed into,
-never replaced. The controller also hands every worker the node's whole GPU list
-(``GPUCONFORM_NODE_GPUS``), from which multi-rank tests lease GPUs (engine/gpu_lease.py).
-The xdist hooks that call these functions are in xdist_glue.py.
+
+Workers are pinned by UUID (``GPU-...``, or ``MIG-...`` for a MIG device), never by index:
+an index means a different board under ``FASTEST_FIRST`` and ``PCI_BUS_ID`` order, and
+inside an outer allocation (a Slurm or Kubernetes ``CUDA_VISIBLE_DEVICES``) it means a
+position in that list. The UUIDs are those of the devices the controller's own CUDA view
+has (identity.py), so an outer allocation is narrowed, never replaced. The controller also
+hands every worker the node's whole device list (``GPUCONFORM_NODE_GPUS``), from which
+multi-rank tests lease GPUs (engine/gpu_lease.py). The xdist hooks that call these
+functions are in xdist_glue.py.
 """
 
 from __future__ import annotations
@@ -14,21 +19,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from . import nvml
+from . import identity, nvml
 
 NODE_GPUS_ENV = "GPUCONFORM_NODE_GPUS"
 
 
-def gpu_tokens(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The device tokens this process may hand out, in order."""
+def gpu_tokens(environ: Mapping[str, str] | None = None, node: nvml.NodeGpus | None = None) -> list[str]:
+    """UUIDs of the devices this process may hand out, in its CUDA ordinal order."""
     environ = os.environ if environ is None else environ
-    outer = environ.get("CUDA_VISIBLE_DEVICES")
-    node = nvml.query(environ)
+    node = nvml.query(environ) if node is None else node
     if node.status != "ok":
         return []
-    if outer is not None:
-        return [t.strip() for t in outer.split(",") if t.strip()][: node.count]
-    return [str(g.index) for g in node.visible]
+    return identity.worker_tokens(node.visible)
 
 
 def auto_num_workers() -> int | None:
@@ -39,13 +41,13 @@ def auto_num_workers() -> int | None:
     return len(tokens) or None
 
 
-def pin_workers_to_gpus(specs) -> None:
-    tokens = gpu_tokens()
+def pin_workers_to_gpus(specs, tokens: list[str] | None = None) -> None:
+    tokens = gpu_tokens() if tokens is None else tokens
     if not tokens:
         return
     for position, spec in enumerate(specs):
+        # A UUID names one board whatever CUDA_DEVICE_ORDER the worker has.
         spec.env["CUDA_VISIBLE_DEVICES"] = tokens[position % len(tokens)]
-        spec.env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         # Multi-rank tests in a worker lease whole GPUs from the node's list (engine/gpu_lease.py).
         spec.env[NODE_GPUS_ENV] = ",".join(tokens)
 

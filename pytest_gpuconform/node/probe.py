@@ -8,8 +8,10 @@ host -> device -> host) run ``python -m pytest_gpuconform.node.probe`` and read 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 
 
 def _round_trip(torch, index: int) -> dict:
@@ -34,7 +36,8 @@ def probe() -> dict:
                 {
                     "index": index,
                     "name": props.name,
-                    "uuid": "GPU-" + str(getattr(props, "uuid", "")),
+                    # bare hex, as CUDA prints it; NVML adds "GPU-" (boards) or "MIG-" (MIG devices)
+                    "uuid": str(getattr(props, "uuid", "")),
                     "compute_capability": f"{props.major}.{props.minor}",
                     "bf16_supported": bool(torch.cuda.is_bf16_supported()) if index == 0 else None,
                     "round_trip": _round_trip(torch, index),
@@ -47,6 +50,36 @@ def probe() -> dict:
     except Exception as exc:  # reported to the parent, which fails the check with it
         result["error"] = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def visible_uuids() -> list[str] | None:
+    """CUDA's device list, bare UUIDs in ordinal order; None when CUDA is not usable."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+
+
+def cuda_uuids(environ: Mapping[str, str] | None = None, timeout: float = 120.0) -> list[str] | None:
+    """visible_uuids() asked in a child process with ``environ``; None when that fails.
+
+    Used only when NVML cannot tell what CUDA will see (identity.py): the pytest process
+    itself never creates a CUDA context.
+    """
+    env = dict(os.environ if environ is None else environ)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest_gpuconform.node.probe", "--uuids"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        answer = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (subprocess.TimeoutExpired, OSError, ValueError, IndexError):
+        return None
+    return [str(u) for u in answer] if isinstance(answer, list) else None
 
 
 def run_probe(timeout: float = 180.0) -> dict:
@@ -70,4 +103,4 @@ def run_probe(timeout: float = 180.0) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(probe()))
+    print(json.dumps(visible_uuids() if sys.argv[1:] == ["--uuids"] else probe()))

@@ -208,3 +208,88 @@ def test_settled_reading_waits_for_a_worker_thread_to_let_go(meter):
         kept = torch.empty(10)
         assert m.settled_live_bytes(quiet_s=0.01) == 40
     del kept
+
+
+# -- CUDA allocator readings, against a stand-in allocator (no GPU here) -----------------------
+class FakeAllocator:
+    """torch.cuda's allocator statistics for one device, driven by the test: allocated
+    bytes now, the peak since the last reset, and a log of the calls the meter made."""
+
+    def __init__(self):
+        self.allocated, self.peak, self.calls = 0, 0, []
+
+    def alloc(self, nbytes):
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+
+    def free(self, nbytes):
+        self.allocated -= nbytes
+
+    def install(self, monkeypatch):
+        def device_index(device):
+            assert device is not None and device.index == 0, f"meter asked about {device!r}, not cuda:0"
+
+        def synchronize(device=None):
+            device_index(device)
+            self.calls.append("synchronize")
+
+        def reset(device=None):
+            device_index(device)
+            self.calls.append("reset")
+            self.peak = self.allocated
+
+        def allocated(device=None):
+            device_index(device)
+            self.calls.append("allocated")
+            return self.allocated
+
+        def max_allocated(device=None):
+            device_index(device)
+            return self.peak
+
+        monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", max_allocated)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        return self
+
+
+def test_cuda_peak_is_reset_per_measurement_and_read_after_a_synchronize(meter, monkeypatch):
+    gpu = FakeAllocator().install(monkeypatch)
+    gpu.alloc(1000)  # what earlier tests left allocated, and their peak
+    gpu.peak = 9000
+    with meter.track("cuda") as m:  # "cuda" means the current device: pinned to cuda:0
+        assert gpu.calls[:2] == ["synchronize", "reset"]  # the old peak is not ours
+        gpu.alloc(400)
+        assert m.cuda_allocated_bytes == 400 and gpu.calls[-2:] == ["synchronize", "allocated"]
+        gpu.free(400)
+    assert m.cuda_peak_bytes == 400 and m.device == torch.device("cuda", 0)
+
+
+def test_an_inner_measurement_does_not_cut_the_outer_peak_short(meter, monkeypatch):
+    gpu = FakeAllocator().install(monkeypatch)
+    with meter.track("cuda:0") as outer:
+        gpu.alloc(3000)  # the outer block's peak happens before the inner one starts
+        gpu.free(3000)
+        with meter.track("cuda:0") as inner:  # resets the device's peak statistic
+            gpu.alloc(100)
+            gpu.free(100)
+        gpu.alloc(50)
+        gpu.free(50)
+    assert inner.cuda_peak_bytes == 100
+    assert outer.cuda_peak_bytes == 3000  # 100 if the inner reset had been taken at its word
+    with meter.track("cuda:0") as after:  # closed measurements leave nothing behind
+        gpu.alloc(10)
+    assert after.cuda_peak_bytes == 10
+
+
+def test_a_peak_inside_the_inner_block_counts_for_the_outer_one(meter, monkeypatch):
+    gpu = FakeAllocator().install(monkeypatch)
+    with meter.track("cuda:0") as outer:
+        with meter.track("cuda:0"):
+            gpu.alloc(700)
+            gpu.free(700)
+        with meter.track("cuda:0"):  # a second inner block resets again
+            gpu.alloc(5)
+    assert outer.cuda_peak_bytes == 700

@@ -60,6 +60,44 @@ def test_other_gpus_stay_free(holder):
         pass
 
 
+def test_one_board_is_one_lock_however_its_uuid_is_spelled(holder):
+    """Pinning hands out UUIDs; two runs that spell one board differently still exclude each other."""
+    holder(["GPU-ABCDEF01-0000-0000-0000-000000000000"], seconds=3)
+    with pytest.raises(LeaseTimeout):
+        with lease(["gpu-abcdef01-0000-0000-0000-000000000000"], timeout=0.3):
+            pass
+
+
+def test_lock_directory_and_files_are_shared_between_users(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from pytest_gpuconform.engine import gpu_lease
+
+    monkeypatch.setenv("GPUCONFORM_LOCK_DIR", str(tmp_path / "leases"))
+    with lease(["GPU-1"], timeout=1):
+        pass
+    mode = stat.S_IMODE(os.stat(tmp_path / "leases").st_mode)
+    assert mode == 0o1777  # sticky and world-writable, like /tmp
+    lock = tmp_path / "leases" / "gpu-gpu-1.lock"
+    os.chmod(lock, 0o444)  # another user's file: not writable for us
+    monkeypatch.setattr(gpu_lease.os, "open", _refuse_write(os.open))
+    with lease(["GPU-1"], timeout=1):  # opened read-only, flock still works
+        pass
+
+
+def _refuse_write(real_open):
+    """os.open as for a file owned by another user: read-only opens only (root ignores modes)."""
+    import os
+
+    def fake(path, flags, *args):
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    return fake
+
+
 def test_multi_rank_cuda_test_under_xdist_leases_gpus_instead_of_skipping(
     run_gpuconform, pytester, fake_nvml, tmp_path, monkeypatch
 ):
@@ -82,4 +120,5 @@ def test_multi_rank_cuda_test_under_xdist_leases_gpus_instead_of_skipping(
     # scheduled onto two leased GPUs instead of being skipped for the worker's one GPU.
     result.stdout.no_fnmatch_line("*SKIPPED*needs 2 GPU*")
     result.stdout.fnmatch_lines(["*could not start 2 rank(s) (nccl, cuda)*"])
-    assert sorted(p.name for p in locks.iterdir()) == ["gpu-0.lock", "gpu-1.lock"]
+    # leased by UUID (node/pinning.py pins workers by UUID)
+    assert sorted(p.name for p in locks.iterdir()) == sorted(f"gpu-{h100(i)['uuid'].lower()}.lock" for i in (0, 1))

@@ -13,7 +13,11 @@ Tests put this directory first on PYTHONPATH and point ``FAKE_NVML`` at a JSON f
                "retired_pages_pending": 0, "clocks_event_reasons": 1,
                "pcie_gen": 5, "pcie_max_gen": 5, "pcie_width": 16, "pcie_max_width": 16,
                "pcie_replay_counter": 0, "nvlink": [1, 1, ...], "persistence_mode": 1,
-               "xid_events": [79, ...]}]}
+               "xid_events": [79, ...],
+               "fabric": {"state": 3, "status": 0},      # NVSwitch fabric; absent: NotSupported
+               # MIG: the board is in MIG mode and has these MIG devices (slots 0..n-1)
+               "mig": {"enabled": 1, "devices": [{"uuid": "MIG-...", "name": "... MIG 1g.10gb",
+                                                   "memory_gib": 10, "gi": 1, "ci": 0}]}}]}
 
 A value of the form {"error": "NotSupported"} for any per-GPU field makes the matching call
 raise that NVMLError subclass.
@@ -47,6 +51,12 @@ for _name, _code in [
     globals()[_cls.__name__] = _cls
     _ERRORS[_name] = _cls
 
+NVML_DEVICE_MIG_DISABLE = 0
+NVML_DEVICE_MIG_ENABLE = 1
+NVML_GPU_FABRIC_STATE_NOT_SUPPORTED = 0
+NVML_GPU_FABRIC_STATE_NOT_STARTED = 1
+NVML_GPU_FABRIC_STATE_IN_PROGRESS = 2
+NVML_GPU_FABRIC_STATE_COMPLETED = 3
 NVML_FEATURE_DISABLED = 0
 NVML_FEATURE_ENABLED = 1
 NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
@@ -84,8 +94,12 @@ def _check_present(function_name):
 
 
 def _gpu(handle):
-    """The GPU's current entry in the file (re-read, so mid-run edits are seen)."""
-    return _config()["gpus"][handle["_index"]]
+    """The GPU's current entry in the file (re-read, so mid-run edits are seen); for a MIG
+    handle, the MIG device's entry."""
+    board = _config()["gpus"][handle["_index"]]
+    if "_mig" in handle:
+        return board["mig"]["devices"][handle["_mig"]]
+    return board
 
 
 def _field(handle, key, default=None):
@@ -132,7 +146,50 @@ def nvmlDeviceGetHandleByUUID(uuid):
     for index in range(nvmlDeviceGetCount()):
         if nvmlDeviceGetUUID({"_index": index}) == uuid:
             return {"_index": index}
+        for slot, mig in enumerate(_config()["gpus"][index].get("mig", {}).get("devices", [])):
+            if mig.get("uuid") == uuid:
+                return {"_index": index, "_mig": slot}
     raise NVMLError_NotFound()
+
+
+# -- MIG ------------------------------------------------------------------------------------
+def _mig(handle):
+    return _config()["gpus"][handle["_index"]].get("mig")
+
+
+def nvmlDeviceGetMigMode(handle):
+    mig = _mig(handle)
+    if mig is None:
+        raise NVMLError_NotSupported()
+    mode = int(mig.get("enabled", 1))
+    return [mode, int(mig.get("pending", mode))]
+
+
+def nvmlDeviceGetMaxMigDeviceCount(handle):
+    return int((_mig(handle) or {}).get("max", 7))
+
+
+def nvmlDeviceGetMigDeviceHandleByIndex(handle, index):
+    devices = (_mig(handle) or {}).get("devices", [])
+    if not 0 <= index < len(devices):
+        raise NVMLError_NotFound()
+    return {"_index": handle["_index"], "_mig": index}
+
+
+def nvmlDeviceIsMigDeviceHandle(handle):
+    return int("_mig" in handle)
+
+
+def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle):
+    return {"_index": handle["_index"]}
+
+
+def nvmlDeviceGetGpuInstanceId(handle):
+    return int(_gpu(handle).get("gi", handle.get("_mig", 0) + 1))
+
+
+def nvmlDeviceGetComputeInstanceId(handle):
+    return int(_gpu(handle).get("ci", 0))
 
 
 def nvmlDeviceGetName(handle):
@@ -140,6 +197,8 @@ def nvmlDeviceGetName(handle):
 
 
 def nvmlDeviceGetUUID(handle):
+    if "_mig" in handle:
+        return _field(handle, "uuid", f"MIG-{handle['_index']:08d}-0000-0000-0000-{handle['_mig']:012d}")
     return _field(handle, "uuid", f"GPU-00000000-0000-0000-0000-00000000000{handle['_index']}")
 
 
@@ -229,6 +288,38 @@ def nvmlDeviceGetNvLinkState(handle, link):
 
 def nvmlDeviceGetPersistenceMode(handle):
     return int(_field(handle, "persistence_mode", 1))
+
+
+class c_nvmlGpuFabricInfo_t:
+    def __init__(self):
+        self.clusterUuid, self.status, self.cliqueId, self.state = b"", 0, 0, 0
+
+
+class c_nvmlGpuFabricInfo_v2_t(c_nvmlGpuFabricInfo_t):
+    def __init__(self):
+        super().__init__()
+        self.version, self.healthMask = 0x02000024, 0
+
+
+c_nvmlGpuFabricInfoV_t = c_nvmlGpuFabricInfo_v2_t
+
+
+def _fill_fabric(handle, info):
+    fabric = _field(handle, "fabric", {"error": "NotSupported"})
+    info.state = int(fabric.get("state", NVML_GPU_FABRIC_STATE_COMPLETED))
+    info.status = int(fabric.get("status", 0))
+    return 0
+
+
+def nvmlDeviceGetGpuFabricInfoV(handle, info):
+    _check_present("nvmlDeviceGetGpuFabricInfoV")
+    return _fill_fabric(handle, info)
+
+
+def nvmlDeviceGetGpuFabricInfo(handle, info):
+    """Deprecated name of the call above (drivers before r550 have only this one)."""
+    _check_present("nvmlDeviceGetGpuFabricInfo")
+    return _fill_fabric(handle, info)
 
 
 # -- XID events -----------------------------------------------------------------------------

@@ -1,40 +1,20 @@
 """Health checks against the fake NVML: every branch, and the messages name GPU and counter.
 
-Readers and rules are tested in this process (the fake module is swapped in for pynvml);
-the shipped conformance tests run in subprocesses with the fake NVML on PYTHONPATH. Those
-runs select test_health.py only, so no CUDA test is attempted on this CPU machine.
+Readers and rules are tested in this process (``fake_pynvml``, tests/conftest.py, swaps the
+fake module in for pynvml); the shipped conformance tests run in subprocesses with the fake
+NVML on PYTHONPATH. Those runs select test_health.py only, so no CUDA test is attempted on
+this CPU machine.
 """
 
 from __future__ import annotations
-
-import importlib.util
-import json
-import sys
 
 import pytest
 
 from pytest_gpuconform.health import readings as health
 from pytest_gpuconform.health import rules as health_rules
-from support import FAKE_NVML_DIR, h100
+from support import h100
 
 RESHIPPED = "from pytest_gpuconform.conformance.test_health import *  # noqa: F401,F403\n"
-
-
-@pytest.fixture
-def fake_pynvml(tmp_path, monkeypatch):
-    """Install the fake pynvml in this process; returns write(config)."""
-    spec = importlib.util.spec_from_file_location("pynvml", FAKE_NVML_DIR / "pynvml.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setitem(sys.modules, "pynvml", module)
-    path = tmp_path / "nvml.json"
-    monkeypatch.setenv("FAKE_NVML", str(path))
-
-    def write(config: dict):
-        path.write_text(json.dumps(config))
-        return module
-
-    return write
 
 
 def label(index: int) -> str:
@@ -58,6 +38,7 @@ ALL_NOT_SUPPORTED = dict(
     pcie_replay_counter=NOT_SUPPORTED,
     nvlink=NOT_SUPPORTED,
     persistence_mode=NOT_SUPPORTED,
+    fabric=NOT_SUPPORTED,
 )
 
 
@@ -75,7 +56,8 @@ def test_reader_sorts_values_not_applicable_and_errors(fake_pynvml):
     healthy, unsupported, lost = health.read_node()
     assert healthy.values["ecc_uncorrected_volatile"] == 0 and healthy.values["nvlink_up"] == [True] * 18
     assert healthy.values["row_remap_pending"] is False and healthy.values["retired_pages_pending"] is False
-    assert not healthy.not_applicable and not healthy.errors
+    # a healthy H100 outside an NVSwitch system: only the fabric is not applicable
+    assert healthy.not_applicable == {"fabric": "NotSupported"} and not healthy.errors
     assert unsupported.values == {}
     assert set(unsupported.not_applicable) >= {
         "ecc_uncorrected_volatile",
@@ -84,11 +66,73 @@ def test_reader_sorts_values_not_applicable_and_errors(fake_pynvml):
         "pcie_gen",
         "nvlink",
         "persistence_mode",
+        "fabric",
     }
     assert lost.errors == {"ecc_uncorrected_volatile": "NVMLError_GpuIsLost: GpuIsLost"}
     assert lost.not_applicable["row_remap"] == "NoPermission"
     problems = health_rules.ecc(lost).problems
     assert problems == [f"{label(2)}: ecc_uncorrected_volatile: NVML error NVMLError_GpuIsLost: GpuIsLost"]
+
+
+def test_hopper_answers_retired_pages_not_supported_and_row_remap_carries_the_verdict(fake_pynvml):
+    """An H100/H200 as NVML reports it: page retirement NotSupported (Ampere and later repair
+    HBM by row remapping), remap counters read, each counter on its own."""
+    fake_pynvml({"gpus": [h100(0, remapped_rows=[3, 0, 1, 0])]})  # retired pages: NotSupported by default
+    (gpu,) = health.read_node()
+    assert gpu.not_applicable["retired_pages_pending"] == "NotSupported"
+    assert gpu.values["remapped_rows_correctable"] == 3 and gpu.values["row_remap_pending"] is True
+    assert "ecc_uncorrected_volatile" in gpu.values and "nvlink_up" in gpu.values  # the rest still read
+    (line,) = health_rules.memory_repair(gpu).problems
+    assert line == f"{label(0)}: row_remap_pending = true, bound false (a row remap waits for a GPU reset)"
+
+
+def test_ecc_mode_off_is_noted_not_failed(fake_pynvml):
+    fake_pynvml(
+        {"gpus": [h100(0, ecc_mode=0, ecc_uncorrected_volatile=NOT_SUPPORTED, ecc_corrected_volatile=NOT_SUPPORTED)]}
+    )
+    (gpu,) = health.read_node()
+    finding = health_rules.ecc(gpu)
+    assert not finding.problems and not finding.applicable
+    assert finding.notes == [f"{label(0)}: not applicable (ECC mode is off on this board: no counts kept)"]
+
+
+@pytest.mark.parametrize(
+    "fabric, missing_functions, expected",
+    [
+        ({"state": 3, "status": 0}, [], None),
+        ({"state": 1, "status": 0}, [], "fabric_state = 1 (not started), bound 3 (completed)"),
+        ({"state": 2, "status": 0}, ["nvmlDeviceGetGpuFabricInfoV"], "fabric_state = 2 (in progress)"),
+        ({"state": 3, "status": 999}, [], "fabric_status = 999, bound 0 (NVML_SUCCESS)"),
+    ],
+)
+def test_nvswitch_fabric_state(fake_pynvml, fabric, missing_functions, expected):
+    """Hopper+ on NVSwitch: the fabric manager must have registered the GPU; the deprecated
+    call is used on drivers without the versioned one."""
+    fake_pynvml({"missing_functions": missing_functions, "gpus": [h100(0), h100(1), h100(2, fabric=fabric)]})
+    gpu = health.read_node()[2]
+    assert gpu.values["fabric_state"] == fabric["state"]
+    finding = health_rules.fabric(gpu)
+    if expected is None:
+        assert finding.problems == [] and finding.applicable
+    else:
+        (line,) = finding.problems
+        assert line.startswith(f"{label(2)}: ") and expected in line
+
+
+def test_fabric_not_applicable_without_nvswitch_or_call(fake_pynvml):
+    fake_pynvml({"gpus": [h100(0), h100(1, fabric={"state": 0})]})
+    no_call, not_supported_state = health.read_node()
+    assert no_call.not_applicable["fabric"] == "NotSupported"
+    assert not_supported_state.not_applicable["fabric"].startswith("NotSupported (no NVSwitch fabric")
+    fake_pynvml(
+        {
+            "missing_functions": ["nvmlDeviceGetGpuFabricInfoV", "nvmlDeviceGetGpuFabricInfo"],
+            "gpus": [h100(0, fabric={"state": 3})],
+        }
+    )
+    (old_driver,) = health.read_node()
+    assert old_driver.not_applicable["fabric"].startswith("FunctionNotFound")
+    assert health_rules.fabric(old_driver).applicable is False
 
 
 def test_reader_uses_deprecated_call_when_driver_lacks_the_new_one(fake_pynvml):
@@ -114,9 +158,47 @@ def test_reader_uses_deprecated_call_when_driver_lacks_the_new_one(fake_pynvml):
 def test_reader_selects_gpus_by_uuid_and_reports_a_broken_driver(fake_pynvml):
     fake_pynvml({"gpus": [h100(0), h100(1)]})
     assert [g.index for g in health.read_node([h100(1)["uuid"]])] == [1]
+    gone = h100(9)["uuid"]
+    assert health.missing([h100(1)["uuid"], gone], health.read_node([h100(1)["uuid"], gone])) == [gone]
     fake_pynvml({"init_error": "LibRmVersionMismatch", "gpus": []})
     with pytest.raises(health.HealthUnavailable, match="LibRmVersionMismatch"):
         health.read_node()
+
+
+def test_watch_reads_the_boards_of_visible_mig_devices(fake_pynvml, monkeypatch):
+    """A MIG device's counters are its board's: the watch asks NVML for the parent board."""
+    from types import SimpleNamespace
+
+    from pytest_gpuconform.health.watch import HealthWatch
+    from pytest_gpuconform.node import nvml
+
+    migs = [
+        {"uuid": f"MIG-{i}aaaaaaa-0000-0000-0000-000000000000", "name": "NVIDIA H100 80GB HBM3 MIG 3g.40gb"}
+        for i in (1, 2)
+    ]
+    fake_pynvml({"gpus": [h100(0), h100(1, mig={"enabled": 1, "devices": migs})]})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", migs[1]["uuid"])
+    node = nvml.query(ask_cuda=lambda: [migs[1]["uuid"][4:]])
+    assert [g.uuid for g in node.visible] == [migs[1]["uuid"]]
+    watch = HealthWatch(SimpleNamespace(), node)
+    assert watch.uuids == [h100(1)["uuid"]]
+    (board,) = health.read_node(watch.uuids)
+    assert board.index == 1 and "ecc_uncorrected_volatile" in board.values
+    watch.close()
+
+
+def test_a_board_missing_at_start_is_a_start_error(fake_pynvml):
+    from types import SimpleNamespace
+
+    from pytest_gpuconform.health.watch import HealthWatch
+    from pytest_gpuconform.node.nvml import NodeGpus
+
+    fake_pynvml({"gpus": [h100(0)]})
+    watch = HealthWatch(SimpleNamespace(), NodeGpus("absent"))
+    watch.uuids = [h100(0)["uuid"], h100(5)["uuid"]]
+    watch.ensure_started()
+    assert watch.start_error == f"NVML does not list GPU(s) {h100(5)['uuid']} that the inventory saw"
+    watch.close()
 
 
 # -- rules -------------------------------------------------------------------------------
@@ -201,13 +283,21 @@ def test_counter_changes():
     before = reading(1)
     after = reading(1, ecc_uncorrected_volatile=4, row_remap_pending=True)
     after.errors["pcie_gen"] = "NVMLError_GpuIsLost: GpuIsLost"
-    lines = health_rules.counter_changes(before, after, [79, 48])
+    lines = health_rules.counter_changes(before, after, [79, 48, 1000])
     assert f"{label(1)}: ecc_uncorrected_volatile rose from 0 to 4 during the run, bound no change" in lines
     assert f"{label(1)}: row_remap_pending became true during the run, bound no change" in lines
-    assert f"{label(1)}: xid_events = [79, 48] during the run, bound none" in lines
+    assert (
+        f"{label(1)}: xid_events = [79 (GPU has fallen off the bus), 48 (double-bit ECC error), 1000] "
+        "during the run, bound none"
+    ) in lines
     assert any("GpuIsLost" in line for line in lines)
     assert health_rules.counter_changes(before, reading(1), []) == []
     assert "no longer answers NVML" in health_rules.counter_changes(before, None, [])[0]
+    registered = reading(1, fabric_state=3, fabric_status=0)
+    lost_fabric = reading(1, fabric_state=1, fabric_status=0)
+    assert health_rules.counter_changes(registered, lost_fabric, []) == [
+        f"{label(1)}: fabric_state left 3 (completed) during the run: now 1"
+    ]
 
 
 def test_xid_events_only_after_registration(fake_pynvml):
@@ -254,6 +344,7 @@ def test_shipped_health_checks_catch_every_fault(pytester, fake_nvml, run_gpucon
                 h100(4, pcie_gen=3, pcie_width=8, clocks_event_reasons=0),
                 h100(5, nvlink=[1, 1, 0, 1]),
                 dict(h100(6), **ALL_NOT_SUPPORTED),
+                h100(7, fabric={"state": 1, "status": 0}),  # fabric manager not running
             ],
         }
     )
@@ -262,7 +353,7 @@ def test_shipped_health_checks_catch_every_fault(pytester, fake_nvml, run_gpucon
     result = run_gpuconform("-v", "-rA", "--junitxml", "out.xml")
     out = result.stdout.str()
     xml = (pytester.path / "out.xml").read_text()
-    result.assert_outcomes(failed=6, passed=2)
+    result.assert_outcomes(failed=7, passed=2)
     expected = [
         f"{label(1)}: ecc_uncorrected_volatile = 2, bound 0",
         f"{label(2)}: row_remap_pending = true, bound false",
@@ -270,8 +361,9 @@ def test_shipped_health_checks_catch_every_fault(pytester, fake_nvml, run_gpucon
         f"{label(4)}: pcie_gen = 3, bound pcie_max_gen = 5 (degraded PCIe link)",
         f"{label(4)}: pcie_width = 8, bound pcie_max_width = 16 (degraded PCIe link)",
         f"{label(5)}: nvlink links down = [2] (1 of 4), bound all up",
+        f"{label(7)}: fabric_state = 1 (not started), bound 3 (completed)",
         f"{label(0)}: ecc_uncorrected_volatile rose from 0 to 4 during the run, bound no change",
-        f"{label(0)}: xid_events = [79] during the run, bound none",
+        f"{label(0)}: xid_events = [79 (GPU has fallen off the bus)] during the run, bound none",
     ]
     for line in expected:
         assert line in out, line
@@ -291,11 +383,12 @@ def test_not_applicable_counters_skip_with_reasons(pytester, fake_nvml, run_gpuc
     fake_nvml({"gpus": [dict(h100(0), **ALL_NOT_SUPPORTED)]})
     pytester.makepyfile(test_reshipped=RESHIPPED)
     result = run_gpuconform("-rs")
-    result.assert_outcomes(skipped=6, passed=1)
+    result.assert_outcomes(skipped=7, passed=1)
     result.stdout.fnmatch_lines(
         [
             f"*ecc: not applicable on any GPU: {label(0)}: not applicable (ecc_uncorrected_volatile: NotSupported)*",
             "*nvlink: not applicable on any GPU*",
+            "*fabric: not applicable on any GPU*",
             "*persistence_mode: not applicable on any GPU*",
         ]
     )
@@ -310,13 +403,13 @@ def test_cpu_node_skips_and_strict_acceptance_fails(pytester, fake_nvml, run_gpu
         test_reshipped_perf="from pytest_gpuconform.conformance.test_performance import *  # noqa\n",
     )
     result = run_gpuconform("-rs")
-    result.assert_outcomes(skipped=7 + 8)
+    result.assert_outcomes(skipped=8 + 8)
     result.stdout.fnmatch_lines(["*needs 1 GPU(s), node has no GPU*"])
     result.stdout.fnmatch_lines(["*needs 2 GPU(s), node has no GPU*"])
     strict = run_gpuconform("--gpuconform-expect-gpus", "1", "-rfE")
     strict.stdout.fnmatch_lines(["*strict acceptance (--gpuconform-expect-gpus 1): needs 1 GPU(s)*"])
-    # health: 6 errors in the shared fixture + the run-last test; performance: 8 strict failures
-    strict.assert_outcomes(failed=1 + 8, errors=6)
+    # health: 7 errors in the shared fixture + the run-last test; performance: 8 strict failures
+    strict.assert_outcomes(failed=1 + 8, errors=7)
     assert strict.ret == 1
 
 

@@ -1,4 +1,8 @@
-"""Under -n, each xdist worker owns one GPU, pinned by the controller (fake NVML here)."""
+"""Under -n, each xdist worker owns one GPU, pinned by UUID by the controller (fake NVML here).
+
+A UUID names one board whatever CUDA_DEVICE_ORDER the worker has, and an outer allocation
+(indices, UUIDs, MIG devices) is narrowed into UUIDs, never replaced.
+"""
 
 import pytest
 
@@ -10,16 +14,25 @@ def _note(tag=""):
     with open(os.path.join({out!r}, os.environ["PYTEST_XDIST_WORKER"] + ".txt"), "a") as f:
         f.write(f"{{os.environ.get('CUDA_VISIBLE_DEVICES')}} {{os.environ.get('CUDA_DEVICE_ORDER')}} {{tag}}\\n")
 
+def _replacement_has_run():
+    return any(not name.startswith(("gw0", "gw1")) for name in os.listdir({out!r}) if name.startswith("gw"))
+
 {crasher}
 @pytest.mark.parametrize("i", range(8))
 def test_note(i):
     _note()
     time.sleep(0.6)
+    # After a crash the first workers wait (60 s at most) until the replacement has run a
+    # test, so a slow replacement start on a busy machine cannot leave it nothing to run.
+    deadline = time.time() + 60
+    while os.path.exists(os.path.join({out!r}, "crashed")) and not _replacement_has_run() and time.time() < deadline:
+        time.sleep(0.1)
 """
 
 CRASHER = """
 def test_crash():
     _note("crashed")
+    open(os.path.join({out!r}, "crashed"), "w").close()
     os._exit(1)
 """
 
@@ -43,22 +56,50 @@ def test_auto_gives_one_worker_per_gpu(run_gpuconform, pytester, fake_nvml, tmp_
     result.stdout.fnmatch_lines(["*2 workers*"])
     pins = _pins(out)
     assert sorted(pins) == ["gw0", "gw1"]
-    assert sorted(p for s in pins.values() for p in s) == ["0", "1"]
-    assert all("PCI_BUS_ID" in line for f in out.glob("*.txt") for line in f.read_text().splitlines())
+    assert sorted(p for s in pins.values() for p in s) == [h100(0)["uuid"], h100(1)["uuid"]]
 
 
-def test_outer_device_list_is_indexed_not_replaced(run_gpuconform, pytester, fake_nvml, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "outer, order, expected",
+    [
+        ("3,1", None, [3, 1]),  # indices into the outer allocation (Slurm)
+        ("3,1", "PCI_BUS_ID", [3, 1]),
+        ("GPU-00000002,GPU-00000000", None, [2, 0]),  # UUID prefixes (Kubernetes device plugins)
+    ],
+)
+def test_outer_device_list_is_narrowed_into_uuids(
+    run_gpuconform, pytester, fake_nvml, tmp_path, monkeypatch, outer, order, expected
+):
     from support import h100
 
     fake_nvml({"gpus": [h100(0), h100(1), h100(2), h100(3)]})
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", outer)
+    if order:
+        monkeypatch.setenv("CUDA_DEVICE_ORDER", order)
     out = tmp_path / "notes"
     out.mkdir()
     pytester.makepyfile(test_pin=RECORDER.format(out=str(out), crasher=""))
     result = run_gpuconform("-n", "auto")
     result.assert_outcomes(passed=8)
     pins = _pins(out)
-    assert sorted(p for s in pins.values() for p in s) == ["1", "3"]
+    assert sorted(p for s in pins.values() for p in s) == sorted(h100(i)["uuid"] for i in expected)
+
+
+def test_mig_devices_are_pinned_one_per_worker(run_gpuconform, pytester, fake_nvml, tmp_path, monkeypatch):
+    from support import h100
+
+    migs = [
+        {"uuid": f"MIG-{i}0000000-1111-2222-3333-444444444444", "name": "NVIDIA H100 80GB HBM3 MIG 3g.40gb"}
+        for i in (1, 2)
+    ]
+    fake_nvml({"gpus": [h100(0, mig={"enabled": 1, "devices": migs})]})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", migs[1]["uuid"])
+    out = tmp_path / "notes"
+    out.mkdir()
+    pytester.makepyfile(test_pin=RECORDER.format(out=str(out), crasher=""))
+    result = run_gpuconform("-n", "auto")
+    result.assert_outcomes(passed=8)
+    assert {p for s in _pins(out).values() for p in s} == {migs[1]["uuid"]}
 
 
 def test_restarted_worker_keeps_its_gpu(run_gpuconform, pytester, fake_nvml, tmp_path):
@@ -67,7 +108,7 @@ def test_restarted_worker_keeps_its_gpu(run_gpuconform, pytester, fake_nvml, tmp
     fake_nvml({"gpus": [h100(0), h100(1)]})
     out = tmp_path / "notes"
     out.mkdir()
-    pytester.makepyfile(test_pin=RECORDER.format(out=str(out), crasher=CRASHER))
+    pytester.makepyfile(test_pin=RECORDER.format(out=str(out), crasher=CRASHER.format(out=str(out))))
     result = run_gpuconform("-n", "2", "--max-worker-restart", "2", "--maxschedchunk", "1")
     result.assert_outcomes(passed=8, failed=1)
     crashed = [p for p in out.glob("gw*.txt") if "crashed" in p.read_text()]

@@ -1,0 +1,151 @@
+"""What a NCCL rank needs so that its failures are fast, bounded and explained.
+
+A rank that uses NCCL can fail in ways a gloo rank cannot: a collective whose peer never
+arrives blocks a CUDA stream, not Python; NCCL reports asynchronous errors (a peer that
+died, a NVLink or InfiniBand fault) from a watchdog thread; and its own explanation goes
+to NCCL's log, not to the Python exception. This module holds the decisions, as plain
+functions, for the code that starts ranks (engine/rank, cluster mode) to call:
+
+* ``rank_environment``: set before the rank process starts (NCCL and cuBLAS read their
+  variables at initialisation). ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` makes the watchdog
+  end the process when a collective times out or NCCL reports an error, without the
+  communicator teardown that can itself hang (0 would leave a hung collective hanging
+  for ever); ``NCCL_DEBUG=WARN`` into ``NCCL_DEBUG_FILE`` keeps NCCL's own account of
+  a failure in a per-rank file; ``CUBLAS_WORKSPACE_CONFIG`` lets the bitwise checks use
+  deterministic cuBLAS from the first handle on (checks/numerics.py). A value the user set
+  is kept, except an error handling mode that would let hangs hang.
+* ``watchdog_timeout``: the process group's timeout. Under the engine the controller's
+  deadline must fire first (it dumps every rank's Python stack and kills the ranks), so
+  the watchdog gets a margin beyond it and is only the backstop; in cluster mode there is
+  no controller and the process group's timeout *is* the deadline.
+* ``process_group_kwargs``: ``init_process_group`` arguments: the timeout, and for NCCL
+  ``device_id`` (the rank's GPU), which creates the communicator eagerly (a broken
+  NCCL set-up fails at rank start-up, not inside the first test) and binds the group to
+  that GPU (no "devices used by this process are currently unknown" guess in barriers).
+* ``failure_sections`` / ``headline_hint``: NCCL's log tail of every rank, for the
+  failure's body, and its first ``NCCL WARN`` line, for the one-line message; ``log_size``
+  taken before a test limits both to what that test added.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+
+LOG_NAME = "nccl-rank{rank}.log"
+WATCHDOG_MARGIN_SECONDS = 30.0
+# Error handling modes that end a rank whose collective timed out (1 tear down and exit,
+# 2 clean up only and raise, 3 exit without clean-up); 0 lets a hang hang.
+FAILING_MODES = {"1", "2", "3"}
+DEFAULT_MODE = "3"
+TAIL_LINES = 20
+TAIL_BYTES = 64 * 1024
+
+
+def log_path(log_dir: str | os.PathLike, rank: int) -> str:
+    return str(Path(log_dir) / LOG_NAME.format(rank=rank))
+
+
+def rank_environment(rank: int, log_dir: str | os.PathLike, environ: Mapping[str, str] | None = None) -> dict:
+    """Variables to add to rank ``rank``'s environment before it starts (see the docstring)."""
+    from ..checks.numerics import CUBLAS_WORKSPACE_CONFIG, DETERMINISTIC_CUBLAS
+
+    environ = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    mode = environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", environ.get("NCCL_ASYNC_ERROR_HANDLING"))
+    if mode not in FAILING_MODES:
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = DEFAULT_MODE
+    if not environ.get("NCCL_DEBUG"):
+        env["NCCL_DEBUG"] = "WARN"
+    if not environ.get("NCCL_DEBUG_FILE"):
+        env["NCCL_DEBUG_FILE"] = log_path(log_dir, rank)
+    if environ.get("CUBLAS_WORKSPACE_CONFIG") not in DETERMINISTIC_CUBLAS:
+        env["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
+    return env
+
+
+def debug_file(environ: Mapping[str, str], pid: int, host: str | None = None) -> str | None:
+    """The file NCCL writes for a process with this environment: NCCL expands ``%h`` to the
+    host name and ``%p`` to the pid in NCCL_DEBUG_FILE. None when NCCL logs to stdout."""
+    template = environ.get("NCCL_DEBUG_FILE")
+    if not template:
+        return None
+    return template.replace("%h", host or socket.gethostname()).replace("%p", str(pid))
+
+
+def watchdog_timeout(deadline_seconds: float, controller: bool = True) -> timedelta:
+    """Process group timeout for a test deadline (see the module docstring)."""
+    return timedelta(seconds=deadline_seconds + (WATCHDOG_MARGIN_SECONDS if controller else 0.0))
+
+
+def process_group_kwargs(backend: str, deadline_seconds: float, device=None, controller: bool = True) -> dict:
+    """Keyword arguments for ``torch.distributed.init_process_group`` (besides the store,
+    rank and world size)."""
+    import inspect
+
+    import torch.distributed as dist
+
+    kwargs: dict = {"timeout": watchdog_timeout(deadline_seconds, controller)}
+    if backend == "nccl" and device is not None:
+        if "device_id" in inspect.signature(dist.init_process_group).parameters:  # torch >= 2.3
+            kwargs["device_id"] = device
+    return kwargs
+
+
+def log_size(path: str | os.PathLike) -> int:
+    """Where a log ends now: pass it as ``since`` to read only what one test added."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def log_tail(path: str | os.PathLike, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES, since: int = 0) -> str:
+    """The last ``lines`` lines of a NCCL log written after byte ``since`` ("" when there are
+    none). A reused rank keeps one log for many tests; ``since`` keeps earlier tests out."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(since, size - max_bytes, 0))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace").rstrip("\n")
+    return "\n".join(text.splitlines()[-lines:]) if text else ""
+
+
+def warn_lines(text: str) -> list[str]:
+    """NCCL's warnings ("host:pid:tid [dev] NCCL WARN message"), message part only."""
+    found = []
+    for line in text.splitlines():
+        _, sep, message = line.partition(" NCCL WARN ")
+        if sep:
+            found.append(message.strip())
+    return found
+
+
+def failure_sections(
+    paths: Mapping[int, str | os.PathLike], lines: int = TAIL_LINES, since: Mapping[int, int] | None = None
+) -> list[tuple[str, str]]:
+    """(title, text) per rank whose NCCL log has something (after ``since[rank]``), for the
+    failure report."""
+    sections = []
+    for rank in sorted(paths):
+        tail = log_tail(paths[rank], lines, since=(since or {}).get(rank, 0))
+        if tail:
+            sections.append((f"NCCL log of rank {rank} (last {lines} lines of {paths[rank]})", tail))
+    return sections
+
+
+def headline_hint(paths: Mapping[int, str | os.PathLike], since: Mapping[int, int] | None = None) -> str | None:
+    """The first warning of the first rank that warned (after ``since[rank]``), as
+    "rank R: NCCL WARN <message>", for the one-line failure message; None when none did."""
+    for rank in sorted(paths):
+        warnings = warn_lines(log_tail(paths[rank], lines=200, since=(since or {}).get(rank, 0)))
+        if warnings:
+            return f"rank {rank}: NCCL WARN {warnings[0]}"
+    return None

@@ -1,0 +1,117 @@
+"""NCCL rank set-up and failure reading (node/nccl.py), without a GPU: environments are
+plain dictionaries, NCCL logs are files written here the way NCCL writes them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from pytest_gpuconform.node import nccl
+
+WARN_LOG = """\
+node-a:2187:2301 [1] NCCL INFO cudaDriverVersion 12040
+node-a:2187:2301 [1] NCCL INFO Bootstrap : Using eth0:10.0.0.5<0>
+node-a:2187:2305 [1] transport/p2p.cc:275 NCCL WARN Cuda failure 'peer access is not supported between these two devices'
+node-a:2187:2305 [1] NCCL INFO transport/p2p.cc:327 -> 1
+node-a:2187:2305 [1] misc/socket.cc:540 NCCL WARN Net : Connection closed by remote peer 10.0.0.6<45632>
+"""
+
+
+def test_rank_environment_makes_hangs_fail_and_keeps_nccl_log(tmp_path):
+    env = nccl.rank_environment(1, tmp_path, environ={})
+    assert env == {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+        "NCCL_DEBUG": "WARN",
+        "NCCL_DEBUG_FILE": str(tmp_path / "nccl-rank1.log"),
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    }
+
+
+@pytest.mark.parametrize(
+    "user, kept",
+    [
+        ({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}, True),  # tear down and exit: fails too
+        ({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}, True),
+        ({"NCCL_ASYNC_ERROR_HANDLING": "3"}, True),  # the deprecated name
+        ({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}, False),  # would let a hung collective hang
+        ({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "off"}, False),
+    ],
+)
+def test_user_error_handling_is_kept_unless_it_lets_hangs_hang(tmp_path, user, kept):
+    env = nccl.rank_environment(0, tmp_path, environ=user)
+    assert ("TORCH_NCCL_ASYNC_ERROR_HANDLING" not in env) is kept
+    if not kept:
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+
+
+def test_user_debug_settings_are_kept(tmp_path):
+    user = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_FILE": "/var/log/nccl.%h.%p", "CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    assert nccl.rank_environment(0, tmp_path, environ=user) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
+    assert nccl.debug_file(user, pid=4242, host="node-b") == "/var/log/nccl.node-b.4242"
+    assert nccl.debug_file({}, pid=1) is None
+    # a non-deterministic workspace setting is replaced
+    assert (
+        nccl.rank_environment(0, tmp_path, {"CUBLAS_WORKSPACE_CONFIG": ":0:0"})["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    )
+
+
+def test_watchdog_fires_after_the_controller_deadline_or_at_it_in_cluster_mode():
+    assert nccl.watchdog_timeout(120) == timedelta(seconds=150)
+    assert nccl.watchdog_timeout(120, controller=False) == timedelta(seconds=120)
+
+
+def test_process_group_kwargs_bind_nccl_to_the_rank_gpu():
+    import torch
+
+    device = torch.device("cuda", 3)
+    kwargs = nccl.process_group_kwargs("nccl", 60, device)
+    assert kwargs == {"timeout": timedelta(seconds=90), "device_id": device}  # torch >= 2.3 has device_id
+    assert nccl.process_group_kwargs("gloo", 60, torch.device("cpu")) == {"timeout": timedelta(seconds=90)}
+    assert nccl.process_group_kwargs("nccl", 60, None, controller=False) == {"timeout": timedelta(seconds=60)}
+
+
+def test_log_tail_and_warnings(tmp_path):
+    path = tmp_path / "nccl-rank1.log"
+    path.write_text(WARN_LOG)
+    assert nccl.log_tail(path, lines=2).splitlines() == WARN_LOG.splitlines()[-2:]
+    assert nccl.warn_lines(WARN_LOG) == [
+        "Cuda failure 'peer access is not supported between these two devices'",
+        "Net : Connection closed by remote peer 10.0.0.6<45632>",
+    ]
+    assert nccl.log_tail(tmp_path / "missing.log") == ""
+    big = tmp_path / "big.log"
+    big.write_text("x" * 200_000 + "\nlast line\n")
+    assert nccl.log_tail(big, lines=1, max_bytes=1024) == "last line"  # only the end is read
+
+
+def test_failure_sections_and_headline_name_the_rank(tmp_path):
+    quiet, loud, empty = tmp_path / "r0.log", tmp_path / "r1.log", tmp_path / "r2.log"
+    quiet.write_text("node-a:1:1 [0] NCCL INFO Init COMPLETE\n")
+    loud.write_text(WARN_LOG)
+    empty.write_text("")
+    paths = {2: empty, 1: loud, 0: quiet}
+    sections = nccl.failure_sections(paths, lines=3)
+    assert [title for title, _ in sections] == [
+        f"NCCL log of rank 0 (last 3 lines of {quiet})",
+        f"NCCL log of rank 1 (last 3 lines of {loud})",
+    ]  # rank order; an empty log gets no section
+    assert sections[1][1].splitlines() == WARN_LOG.splitlines()[-3:]
+    assert nccl.headline_hint(paths) == (
+        "rank 1: NCCL WARN Cuda failure 'peer access is not supported between these two devices'"
+    )
+    assert nccl.headline_hint({0: quiet}) is None
+
+
+def test_only_what_this_test_added_is_read(tmp_path):
+    """A reused rank keeps one NCCL log: the previous test's warnings are not this one's."""
+    path = tmp_path / "nccl-rank0.log"
+    path.write_text("node-a:1:1 [0] misc.cc:1 NCCL WARN an old warning\n")
+    start = nccl.log_size(path)
+    assert nccl.headline_hint({0: path}, since={0: start}) is None
+    with open(path, "a") as handle:
+        handle.write("node-a:1:1 [0] net.cc:9 NCCL WARN NET/IB : Got completion with error 12\n")
+    assert nccl.headline_hint({0: path}, since={0: start}) == "rank 0: NCCL WARN NET/IB : Got completion with error 12"
+    ((_, text),) = nccl.failure_sections({0: path}, since={0: start})
+    assert "old warning" not in text and "error 12" in text
+    assert nccl.log_size(tmp_path / "missing") == 0
