@@ -18,29 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..perf.measure import BUS_FACTORS, bus_factor
 from .rank_verdicts import gather_float
 
-
-def _ring(n: int) -> float:
-    return (n - 1) / n
-
-
-BUS_FACTORS: dict[str, Callable[[int], float]] = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": _ring,
-    "reduce_scatter": _ring,
-    "all_to_all": _ring,
-    "gather": _ring,
-    "scatter": _ring,
-    "broadcast": lambda n: 1.0,
-    "reduce": lambda n: 1.0,
-    "send_recv": lambda n: 1.0,
-}
-
-
-def bus_factor(collective: str, world_size: int) -> float:
-    """nccl-tests' busbw / algbw factor for ``collective`` (a key of ``BUS_FACTORS``)."""
-    return BUS_FACTORS[collective](world_size)
+__all__ = ["BUS_FACTORS", "Bandwidth", "bus_factor", "measure_bandwidth"]
 
 
 @dataclass(frozen=True)

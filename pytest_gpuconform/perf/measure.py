@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -70,10 +71,34 @@ def gemm_tflops(n: int, milliseconds: float) -> float:
     return 2.0 * n**3 / (milliseconds * 1e-3) / 1e12
 
 
+def _ring(n: int) -> float:
+    return (n - 1) / n
+
+
+# nccl-tests' busbw / algbw factors (doc/PERFORMANCE.md): what each link carried, so bus
+# bandwidth compares across world sizes and with the hardware's peak.
+BUS_FACTORS: dict[str, Callable[[int], float]] = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": _ring,
+    "reduce_scatter": _ring,
+    "all_to_all": _ring,
+    "gather": _ring,
+    "scatter": _ring,
+    "broadcast": lambda n: 1.0,
+    "reduce": lambda n: 1.0,
+    "send_recv": lambda n: 1.0,
+}
+
+
+def bus_factor(collective: str, world_size: int) -> float:
+    """nccl-tests' busbw / algbw factor for ``collective`` (a key of ``BUS_FACTORS``)."""
+    return BUS_FACTORS[collective](world_size)
+
+
 def bus_bandwidth_gbps(nbytes: int, milliseconds: float, world_size: int) -> float:
     """nccl-tests' all_reduce bus bandwidth: algbw x 2(n-1)/n, comparable across world sizes."""
     algbw = nbytes / (milliseconds * 1e-3) / 1e9
-    return algbw * 2.0 * (world_size - 1) / world_size
+    return algbw * bus_factor("all_reduce", world_size)
 
 
 @contextmanager

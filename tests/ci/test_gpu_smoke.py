@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT
+from support import ROOT, build_wheel
 
 SCRIPT = ROOT / "ci" / "gpu-smoke.sh"
 
@@ -23,12 +23,7 @@ SCRIPT = ROOT / "ci" / "gpu-smoke.sh"
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheels")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    build_wheel(out)
     return out
 
 

@@ -1,6 +1,5 @@
 """The wheel carries the shipped suite, and an installed plugin runs it from an empty directory."""
 
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -8,6 +7,8 @@ import zipfile
 from pathlib import Path
 
 import tomllib
+
+import support
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pytest_gpuconform"
@@ -25,32 +26,8 @@ def test_every_folder_of_the_package_is_declared():
 
 
 def test_wheel_builds_without_warnings_and_contains_the_suite_and_the_entry_points(tmp_path):
-    # Built from a copy: setuptools leaves build/ behind in the tree it builds.
-    source = tmp_path / "src"
-    shutil.copytree(
-        ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__", "reports")
-    )
-    built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-v",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    log = built.stdout + built.stderr
+    wheel, log = support.build_wheel(tmp_path)
     assert "Warning" not in log and "absent from the `packages`" not in log, log[-3000:]
-    wheel = next(tmp_path.glob("pytest_gpuconform-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for expected in (
         "pytest_gpuconform/plugin.py",

@@ -6,6 +6,9 @@ this module holds the paths and fake GPUs every folder of tests/ uses.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -24,3 +27,34 @@ def h100(index: int, **extra) -> dict:
         "cc": [9, 0],
         **extra,
     }
+
+
+def build_wheel(directory: Path) -> tuple[Path, str]:
+    """Build the plugin's wheel into ``directory``; (the wheel, pip's verbose log).
+
+    Built from a copy of the checkout: setuptools leaves a build/ folder in the tree it
+    builds, which a later ``pip install .`` of another layout would pick stale files from.
+    """
+    source = directory / "src"
+    ignore = shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__", "reports", ".mypy_cache")
+    shutil.copytree(ROOT, source, ignore=ignore)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-v",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(directory),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    shutil.rmtree(source)
+    return next(directory.glob("pytest_gpuconform-*.whl")), built.stdout + built.stderr
