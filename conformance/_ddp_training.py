@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from pytest_gpuconform.checks import WithinTolerance, gather_float, raise_if_any, same_on_all_ranks
+from pytest_gpuconform.checks import WithinTolerance, gather_float, raise_if_any, same_on_all_ranks, true_fp32
 
 from ._dist_models import FEATURES, OUTPUTS, CheckpointableMLP, global_batches, rank_slice, seeded_model
 
@@ -77,13 +77,17 @@ def compare_with_reference(
     steps=None,
     before_step=None,
     local_batch=None,
+    record=None,
 ) -> tuple[list[str], float, dict]:
     """Train both, compare grads and params step by step with ``judge(got, want, what)``,
-    and check parameters are bitwise equal across ranks after every step.
+    and check parameters are bitwise equal across ranks after every step. Both train with
+    TF32 off (``true_fp32``, recorded as ``tf32``): on CUDA an "fp32" run would otherwise
+    use TF32 convolutions and put its own error near the bounds it is judged by.
     Returns the problems found, the largest absolute difference seen and the final params."""
     data = batches(world_size, device, steps or STEPS, local_batch or LOCAL_BATCH)
-    reference = list(train(reference_model, data, lambda t: t, device, autocast_dtype, before_step))
-    mine = train(ddp_model, data, slicer(rank, world_size), device, autocast_dtype, before_step)
+    with true_fp32(device, record):
+        reference = list(train(reference_model, data, lambda t: t, device, autocast_dtype, before_step))
+        mine = list(train(ddp_model, data, slicer(rank, world_size), device, autocast_dtype, before_step))
     problems, largest, params = [], 0.0, {}
     for step, ((grads, params), (ref_grads, ref_params)) in enumerate(zip(mine, reference, strict=True), start=1):
         for name in ref_grads:

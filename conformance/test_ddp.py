@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from pytest_gpuconform.checks import gather_float, not_close, relative_l2, same_on_all_ranks, too_far
+from pytest_gpuconform.checks import gather_float, not_close, relative_l2, same_on_all_ranks, too_far, true_fp32
 
 from ._ddp_training import (
     LEARNING_RATE,
@@ -57,7 +57,7 @@ def test_ddp_matches_single_process(config, rank, world_size, device, tolerance,
     ddp_model = ddp(_config_model(config, device), device, **options)
     judge = fp32_judge(tolerance)
     problems, largest, ours = compare_with_reference(
-        ddp_model, _config_model(config, device), judge, rank, world_size, device
+        ddp_model, _config_model(config, device), judge, rank, world_size, device, record=record
     )
     if config != "default" and factory is None:
         theirs = list(train(ddp(model(device), device), batches(world_size, device), slicer(rank, world_size), device))[
@@ -89,36 +89,37 @@ def test_ddp_no_sync_accumulates(rank, world_size, device, tolerance, record):
     the single process's gradients accumulated over both full batches; the optimizer step
     that follows gives the single process's parameters, bitwise equal on every rank."""
     judge = fp32_judge(tolerance)
-    (xa, ya), (xb, yb) = batches(world_size, device)[:2]
-    take = slicer(rank, world_size)
+    with true_fp32(device, record):  # TF32 off on both sides (recorded as tf32)
+        (xa, ya), (xb, yb) = batches(world_size, device)[:2]
+        take = slicer(rank, world_size)
 
-    reference = model(device)
-    F.mse_loss(reference(take(xa)), take(ya)).backward()
-    local_only = _grads(reference)
-    reference.zero_grad()
-    F.mse_loss(reference(xa), ya).backward()
-    F.mse_loss(reference(xb), yb).backward()
-    accumulated = _grads(reference)
-    torch.optim.SGD(reference.parameters(), lr=LEARNING_RATE).step()
+        reference = model(device)
+        F.mse_loss(reference(take(xa)), take(ya)).backward()
+        local_only = _grads(reference)
+        reference.zero_grad()
+        F.mse_loss(reference(xa), ya).backward()
+        F.mse_loss(reference(xb), yb).backward()
+        accumulated = _grads(reference)
+        torch.optim.SGD(reference.parameters(), lr=LEARNING_RATE).step()
 
-    ddp_model = ddp(model(device), device)
-    with ddp_model.no_sync():
-        F.mse_loss(ddp_model(take(xa)), take(ya)).backward()
-    problems, largest = [], 0.0
-    for name, p in ddp_model.module.named_parameters():
-        found = judge(p.grad, local_only[name], f"grad {name!r} after no_sync backward vs this rank's local grad")
-        problems.extend([found] if found else [])
-    F.mse_loss(ddp_model(take(xb)), take(yb)).backward()
-    for name, p in ddp_model.module.named_parameters():
-        largest = max(largest, (p.grad - accumulated[name]).abs().max().item())
-        found = judge(p.grad, accumulated[name], f"grad {name!r} after synced backward vs full-batch accumulated")
-        across = same_on_all_ranks(p.grad, f"accumulated grad {name!r}", rank, world_size)
-        problems.extend(f for f in (found, across) if f)
-    torch.optim.SGD(ddp_model.parameters(), lr=LEARNING_RATE).step()
-    for (name, p), want in zip(ddp_model.module.named_parameters(), reference.parameters(), strict=True):
-        found = judge(p, want, f"param {name!r} after the synced step vs single process")
-        across = same_on_all_ranks(p.detach(), f"param {name!r} after the synced step", rank, world_size)
-        problems.extend(f for f in (found, across) if f)
+        ddp_model = ddp(model(device), device)
+        with ddp_model.no_sync():
+            F.mse_loss(ddp_model(take(xa)), take(ya)).backward()
+        problems, largest = [], 0.0
+        for name, p in ddp_model.module.named_parameters():
+            found = judge(p.grad, local_only[name], f"grad {name!r} after no_sync backward vs this rank's local grad")
+            problems.extend([found] if found else [])
+        F.mse_loss(ddp_model(take(xb)), take(yb)).backward()
+        for name, p in ddp_model.module.named_parameters():
+            largest = max(largest, (p.grad - accumulated[name]).abs().max().item())
+            found = judge(p.grad, accumulated[name], f"grad {name!r} after synced backward vs full-batch accumulated")
+            across = same_on_all_ranks(p.grad, f"accumulated grad {name!r}", rank, world_size)
+            problems.extend(f for f in (found, across) if f)
+        torch.optim.SGD(ddp_model.parameters(), lr=LEARNING_RATE).step()
+        for (name, p), want in zip(ddp_model.module.named_parameters(), reference.parameters(), strict=True):
+            found = judge(p, want, f"param {name!r} after the synced step vs single process")
+            across = same_on_all_ranks(p.detach(), f"param {name!r} after the synced step", rank, world_size)
+            problems.extend(f for f in (found, across) if f)
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
     record_tolerance_used(judge, world_size, record)
     verdict(problems, rank, world_size, "DDP no_sync accumulation")
@@ -142,7 +143,7 @@ def test_ddp_clip_grad_norm(foreach, rank, world_size, device, tolerance, record
 
     judge = fp32_judge(tolerance)
     problems, largest, _ = compare_with_reference(
-        ddp(model(device), device), model(device), judge, rank, world_size, device, before_step=clip
+        ddp(model(device), device), model(device), judge, rank, world_size, device, before_step=clip, record=record
     )
     norm_problems = []  # shown first: the norm is what this check adds to DDP's parity
     for step, (mine, reference) in enumerate(zip(norms[True], norms[False], strict=True), start=1):
@@ -173,7 +174,7 @@ def test_ddp_with_autocast(dtype, rank, world_size, device, tolerance, record):
         return too_far(got, want, tolerance.rel_l2, what)
 
     problems, _, _ = compare_with_reference(
-        ddp(model(device), device), model(device), judge, rank, world_size, device, autocast_dtype=dtype
+        ddp(model(device), device), model(device), judge, rank, world_size, device, autocast_dtype=dtype, record=record
     )
     record("max_rel_l2_vs_single_process", max(gather_float(worst[0], world_size)))
     record("bound_rel_l2", tolerance.rel_l2)
@@ -188,7 +189,7 @@ def test_ddp_with_checkpointing(recompute, rank, world_size, device, tolerance, 
     contributions in DDP's reducer."""
     judge = fp32_judge(tolerance)
     problems, largest, _ = compare_with_reference(
-        ddp(model(device, recompute), device), model(device, recompute), judge, rank, world_size, device
+        ddp(model(device, recompute), device), model(device, recompute), judge, rank, world_size, device, record=record
     )
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
     record_tolerance_used(judge, world_size, record)

@@ -114,7 +114,7 @@ def test_ddp_comm_hook(hook, rank, world_size, device, tolerance_table, record):
     ddp_model = ddp(build(device), device)
     _register(ddp_model, hook)
     problems, largest, _ = compare_with_reference(
-        ddp_model, build(device), judge, rank, world_size, device, steps=steps, local_batch=local_batch
+        ddp_model, build(device), judge, rank, world_size, device, steps=steps, local_batch=local_batch, record=record
     )
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
     if judge.switch_step is None or hook == "powerSGD":

@@ -13,7 +13,6 @@ error, raised when settings are resolved.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,8 +61,12 @@ def fraction(text: str) -> float:
 
 
 def default_cpu_ranks() -> int:
-    """Gloo ranks of small tensors share cores well; two ranks even on a one-core node."""
-    return max(2, os.cpu_count() or 1)
+    """Gloo ranks of small tensors share cores well; two ranks even on a one-core node.
+    Counted as the cores this process may use (affinity, a container's CPU quota), not the
+    host's: a 2-CPU pod on a 128-core host hosts 2."""
+    from .node.host import read
+
+    return max(2, read().cpu_cores_usable)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ OPTIONS: tuple[Option, ...] = (
         "--gpuconform-cpu-ranks",
         "How many gloo ranks a CPU node may host for world_size tests",
         default=default_cpu_ranks,
-        default_text="max(2, CPU cores)",
+        default_text="max(2, usable CPU cores)",
         parse=positive_int,
         ini="gpuconform_cpu_ranks",
         metavar="N",

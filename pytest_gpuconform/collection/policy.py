@@ -55,6 +55,13 @@ class CollectionPolicy:
             reason = gpu_count_shortfall(self.node, n, None if tokens is None else len(tokens))
             if reason:
                 return reason, True
+        if n > 1 and not in_cluster_world and any(g.is_mig for g in self.node.visible[:n]):
+            # Peer-to-peer and CUDA IPC, which NCCL's transports use, do not work between
+            # MIG devices; and every rank would need a device list of its own.
+            return (
+                f"needs {n} whole GPUs; the visible devices are MIG slices, between which "
+                "NCCL cannot communicate (run multi-rank checks with MIG off)"
+            ), False
         if need:
             reason = gpu_capability_shortfall(self.node, need)
             if reason:

@@ -172,3 +172,27 @@ def test_cpu_world_size_capacity_option(run_gpuconform, pytester):
     result = run_gpuconform("-rs", "--gpuconform-cpu-ranks", "2", "-k", "cpu")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*needs 3 gloo ranks; this CPU node hosts at most 2 (--gpuconform-cpu-ranks)*"])
+
+
+def test_multi_rank_cuda_tests_skip_on_mig_slices_with_the_reason(run_gpuconform, pytester, fake_nvml):
+    """NCCL cannot talk between MIG devices: a ws2 cuda test on two MIG slices skips saying so."""
+    from support import h100
+
+    migs = [
+        {"uuid": f"MIG-{i}0000000-1111-2222-3333-444444444444", "name": "NVIDIA H100 80GB HBM3 MIG 3g.40gb"}
+        for i in (1, 2)
+    ]
+    fake_nvml({"gpus": [h100(0, mig={"enabled": 1, "devices": migs})]})
+    pytester.makepyfile(
+        test_mig="""
+        import pytest
+
+        @pytest.mark.world_size(2)
+        @pytest.mark.gpu
+        def test_two_ranks():
+            raise AssertionError("must not run on MIG slices")
+    """
+    )
+    result = run_gpuconform("-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*needs 2 whole GPUs; the visible devices are MIG slices*NCCL cannot communicate*"])
