@@ -38,8 +38,7 @@ def _verdict(args: argparse.Namespace) -> int:
             node = result.node
             check = next((i for i, code in enumerate(node.outcomes) if code >= FAILED), None)
             if check is not None:
-                reason = fleet.reason(node, check)
-                print(f"{node.label}: {fleet.checks[check].display}" + (f": {reason}" if reason else ""))
+                print(f"{node.label}\t{fleet.checks[check].display}\t{fleet.reason(node, check)}")
         else:
             print(f"{result.node.label}: {result.verdict.text()}")
     return 1 if any(result.verdict.kind == "failed" for result in results) else 0
