@@ -207,9 +207,10 @@ class ReportingPlugin:
         stats = terminalreporter.stats
         saved = {key: stats.get(key) for key in ("failed", "error")}
         self._collapsed = {}
+        seen: set[str] = set()  # one cause is shown once, among failures and errors together
         for key in saved:
             if stats.get(key):
-                stats[key], self._collapsed[key] = collapse_strict(stats[key])
+                stats[key], self._collapsed[key] = collapse_strict(stats[key], seen)
         try:
             return (yield)
         finally:
@@ -255,10 +256,10 @@ class _SummarySection:
         self.owner.write_summary(terminalreporter)
 
 
-def collapse_strict(reports: list) -> tuple[list, list]:
+def collapse_strict(reports: list, seen: set[str]) -> tuple[list, list]:
     """(reports to show, reports left out): of the strict-acceptance failures sharing one
-    cause, only the first is shown."""
-    shown, hidden, seen = [], [], set()
+    cause (``seen``: causes already shown), only the first is shown."""
+    shown, hidden = [], []
     for report in reports:
         message = unwrap(first_line(report))
         if message.startswith(STRICT_PREFIX):
