@@ -1,6 +1,7 @@
 """The acceptance spec's checks as test items: one per declared field.
 
-``gpuconform-spec::gpu.count``, ``gpuconform-spec::software.driver``, ...: ordinary test
+``gpuconform-spec::gpu_count``, ``gpuconform-spec::software_driver``, ... (the spec key with
+``_`` for ``.``, which pytest would show as ``::``): ordinary test
 cases in the terminal, JUnit, the page and every other output, selectable with ``-k`` and
 run in the pytest process (they read NVML and the inventory, never CUDA). They are added
 to the collection whatever paths were given, because a spec is about the node, not about a
@@ -20,6 +21,11 @@ from .spec import Requirement, Spec
 
 COLLECTOR_NAME = "gpuconform-spec"
 FEATURE = "spec"
+
+
+def item_name(key: str) -> str:
+    """``gpu.count`` -> ``gpu_count``: pytest's progress lines turn a dot into ``::``."""
+    return key.replace(".", "_")
 
 
 class SpecMismatch(Exception):
@@ -85,7 +91,7 @@ class SpecItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        return self.spec.path, None, f"{COLLECTOR_NAME}::{self.requirement.key}"
+        return self.spec.path, None, f"{COLLECTOR_NAME}::{self.name}"
 
 
 class SpecChecks:
@@ -107,7 +113,9 @@ class SpecChecks:
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
         collector = SpecCollector.from_parent(session, name=COLLECTOR_NAME, nodeid=COLLECTOR_NAME)
         made = [
-            SpecItem.from_parent(collector, name=requirement.key, requirement=requirement, spec=self.spec, plugin=self)
+            SpecItem.from_parent(
+                collector, name=item_name(requirement.key), requirement=requirement, spec=self.spec, plugin=self
+            )
             for requirement in self.spec.requirements
         ]
         items[:0] = made

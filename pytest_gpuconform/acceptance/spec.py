@@ -2,7 +2,7 @@
 
 A run on a node with 7 GPUs instead of 8, an older driver or a PCIe slot at half width
 can pass every numerical check; the spec makes the difference a failure. Each declared
-field becomes one named check (``gpuconform-spec::gpu.count``) that fails with what was
+field becomes one named check (``gpuconform-spec::gpu_count``) that fails with what was
 expected against what was found. Example specs ship in ``acceptance/examples/``.
 
     name = "8 × H100 SXM"               # how the verdict names the node

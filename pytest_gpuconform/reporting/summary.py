@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections import Counter
 
 from .causes import cause_of
@@ -176,7 +177,8 @@ def summary_lines(
     width: int = WIDTH,
 ) -> list[str]:
     """The summary as text lines (each at most ``width`` columns, paths aside)."""
-    lines = [shorten(f"verdict: {verdict_line}", width)] if verdict_line else []
+    # The verdict is never cut: it wraps, at word boundaries, onto indented lines.
+    lines = textwrap.wrap(f"verdict: {verdict_line}", width, subsequent_indent="  ") if verdict_line else []
     if not tests:
         lines.append("no tests ran")
     else:
