@@ -251,8 +251,8 @@ class _SummarySection:
         self.owner = owner
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if self.owner.config.option.collectonly:
-            return  # --co: nothing ran, so there is nothing to summarise
+        if self.owner.config.option.collectonly or not self.owner.writes_reports:
+            return  # --co: nothing ran, nothing to summarise; an xdist worker's view is partial
         self.owner.write_summary(terminalreporter)
 
 

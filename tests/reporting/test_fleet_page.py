@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,15 @@ def dom_of(text: str) -> Dom:
     dom = Dom()
     dom.feed(text)
     return dom
+
+
+def first_screen_pixels(page: Path, tmp_path: Path, name: str, colour: tuple[int, int, int]) -> int:
+    """Screenshot the first screen (kept as a test artefact); pixels of ``colour`` in its top 160 rows."""
+    shot = tmp_path / name
+    chromium(page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,900", "--hide-scrollbars")
+    keep_artifact(shot)
+    _, _, rows = png_pixels(shot, max_rows=160)
+    return count_colour(rows, colour, 160)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +164,7 @@ def test_fleet_page_opens_fast_and_its_first_screen_is_the_verdict(fleet_page, t
     took = open_seconds(page, tmp_path / "profile")
     print(f"Chromium opens the 1,000-node page in {took:.2f} s (beyond its own start-up)")
     assert took <= MAX_OPEN_S
-    shot = tmp_path / "fleet-1000-nodes.png"
-    chromium(page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,900", "--hide-scrollbars")
-    keep_artifact(shot)
-    _, _, rows = png_pixels(shot, max_rows=160)
-    assert count_colour(rows, FAIL_RED, 160) > 1000, "the red FAIL banner is not on the first screen"
+    assert first_screen_pixels(page, tmp_path, "fleet-1000-nodes.png", FAIL_RED) > 1000, "no red FAIL banner on top"
 
 
 def test_hosts_sharing_a_cause_are_a_slurm_hostlist(fleet_page):
@@ -178,11 +184,7 @@ def test_one_node_page_in_chromium(tmp_path):
     assert "matrix" in dom.by_id and "inventory" in dom.by_id  # a small fleet keeps the full matrix
     (drill,) = dom.details
     assert "open" in drill and drill["data-verdict"] == "passed"
-    shot = tmp_path / "fleet-1-node.png"
-    chromium(page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,900", "--hide-scrollbars")
-    keep_artifact(shot)
-    _, _, rows = png_pixels(shot, max_rows=160)
-    assert count_colour(rows, PASS_GREEN, 160) > 1000, "the green PASS banner is not on the first screen"
+    assert first_screen_pixels(page, tmp_path, "fleet-1-node.png", PASS_GREEN) > 1000, "no green PASS banner on top"
 
 
 def test_cpu_node_never_gets_a_bare_pass(tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,32 +21,12 @@ import support
 from pytest_gpuconform.cli import main
 from pytest_gpuconform.reporting import html as report
 from pytest_gpuconform.reporting.fleet import FAILED, Fleet
+from support import browser
+from support.browser import keep_artifact, require_tool
 
 DATA = support.DATA
 SCHEMA = DATA / "junit-10-testcase-properties.xsd"
 FAKE_NVML_DIR = support.FAKE_NVML_DIR
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def require_tool(*names: str, debian_package: str) -> str:
-    """The first tool found; a skip with the reason where none is (a failure in CI, where
-    GPUCONFORM_REQUIRE_TOOLS=1 says it must be installed)."""
-    for name in names:
-        path = shutil.which(name)
-        if path:
-            return path
-    message = f"{' / '.join(names)} not installed (Debian package {debian_package})"
-    if os.environ.get("GPUCONFORM_REQUIRE_TOOLS"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def assert_schema_valid(*paths: Path) -> None:
@@ -59,15 +38,7 @@ def assert_schema_valid(*paths: Path) -> None:
 
 
 def chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    binary = require_tool("chromium", "chromium-browser", debian_package="chromium")
-    result = subprocess.run(
-        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
+    return browser.chromium(page, profile, *args)[0]
 
 
 class PageReader(HTMLParser):
@@ -116,13 +87,6 @@ def read_page(html: str) -> PageReader:
     reader = PageReader()
     reader.feed(html)
     return reader
-
-
-def keep_artifact(path: Path) -> None:
-    target = os.environ.get("GPUCONFORM_ARTIFACTS")
-    if target:
-        os.makedirs(target, exist_ok=True)
-        shutil.copy(path, target)
 
 
 CHECKPOINTING = """
