@@ -39,6 +39,8 @@ from .suites import check_inputs
 MATRIX_NODES = 32
 OUTCOME_TEXT = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "absent": "—"}
 EXCEPTION_CHECKS_SHOWN = 12
+FAILING_CHECKS_SHOWN = 25  # rows of "Failures by check" before the rest fold away
+FAILED_NODE_LINES = 5  # failed nodes whose verdict line the summary shows one by one
 WORST_SHOWN = 5
 
 
@@ -219,6 +221,8 @@ def render(fleet: Fleet, title: str) -> str:
         page=Page(fleet, title),
         outcome_text=OUTCOME_TEXT,
         exception_checks_shown=EXCEPTION_CHECKS_SHOWN,
+        checks_shown=FAILING_CHECKS_SHOWN,
+        failed_lines=FAILED_NODE_LINES,
         generated=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
 

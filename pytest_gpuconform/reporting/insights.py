@@ -133,6 +133,11 @@ class CheckFailures:
     area: str
     hosts: list[str]
     causes: Counter
+    examples: dict[str, str] = field(default_factory=dict)  # cause -> one real message of it
+
+    def commonest(self) -> str:
+        cause = self.causes.most_common(1)[0][0]
+        return self.examples.get(cause, cause)
 
 
 def failures_by_check(fleet: Fleet) -> list[CheckFailures]:
@@ -143,7 +148,10 @@ def failures_by_check(fleet: Fleet) -> list[CheckFailures]:
                 info = fleet.checks[check]
                 entry = found.setdefault(check, CheckFailures(info.display, info.area, [], Counter()))
                 entry.hosts.append(node.label)
-                entry.causes[cause_of(fleet.reason(node, check), node.label)] += 1
+                reason = fleet.reason(node, check)
+                cause = cause_of(reason, node.label)
+                entry.causes[cause] += 1
+                entry.examples.setdefault(cause, reason or "(no message)")
     return sorted(found.values(), key=lambda c: (-len(c.hosts), c.area, c.display))
 
 
