@@ -225,3 +225,10 @@ def test_host_facts_are_the_real_ones():
     assert host_cpu_cores() == os.cpu_count()
     memory = host_memory_gib()
     assert memory is not None and 0.1 < memory < 100_000
+
+
+def test_version_ranges_accept_prereleases_and_local_builds():
+    """NGC images ship torch such as 2.6.0a0+ecf3bae40a: a prerelease with a local part."""
+    (requirement,) = spec_module.parse('[software]\ntorch = ">=2.4,<2.7"\n', "s.toml").requirements
+    assert requirement.allows("2.6.0a0+ecf3bae40a") and requirement.allows("2.13.0+cpu") is False
+    assert requirement.allows("2.5.1+cu124") and not requirement.allows("2.3.1") and not requirement.allows("none")

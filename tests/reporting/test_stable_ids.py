@@ -80,6 +80,14 @@ def test_a_printed_node_id_reruns_that_test_from_an_empty_directory(tmp_path):
         assert cases(tmp_path / "again.xml") == [("pytest_gpuconform.conformance.test_environment", f"test_{ONE}")]
 
 
+def test_ids_of_two_modules_keep_their_own_classnames(tmp_path):
+    amp = "pytest_gpuconform.conformance.test_amp::test_autocast_fp32_ops"
+    done = run(tmp_path, f"test_environment.py::test_{ONE}", amp, f"--junitxml={tmp_path / 'two.xml'}")
+    assert done.returncode == 0, done.stdout[-2000:]
+    names = {classname for classname, _ in cases(tmp_path / "two.xml")}
+    assert names == {"pytest_gpuconform.conformance.test_environment", "pytest_gpuconform.conformance.test_amp"}
+
+
 def test_a_module_id_selects_the_module_and_own_files_are_never_redirected(tmp_path):
     selection = stable_ids.resolve_pasted_args(["test_amp.py", "-x", "mine/"], tmp_path, suite_dir())
     assert selection.args == ["-x", "mine/", str(suite_dir())] and selection.wanted == ["test_amp.py"]

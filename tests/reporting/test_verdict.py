@@ -183,3 +183,18 @@ def test_summary_fits_120_columns_and_rs_keeps_the_full_reason(run_gpuconform, p
     assert words.endswith("…") and words.startswith("needs the quantum flux capacitor")
     assert LONG_SKIP.replace("\n", " ").count(" " + words.rstrip("…").split()[-1] + " ") >= 1  # cut at a word
     result.stdout.fnmatch_lines(["SKIPPED*which this node has not got, and the reason goes on for a very long time"])
+
+
+def test_verdict_command_one_line_per_node_and_its_exit_code(capsys):
+    from pytest_gpuconform.cli import main
+    from support import DATA
+
+    assert main(["verdict", str(DATA / "junit-node-a.xml"), str(DATA / "junit-real-cpu-node.xml")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "node-a: PASS: 2 × H100 80GB HBM3 verified: 3 checks (1 skipped)",
+        "vm: PASSED AS A CPU NODE: CPU node: GPU checks not run (no NVIDIA driver); 115 checks passed (274 skipped)",
+    ]
+    assert main(["verdict", "--first-failure", str(DATA / "junit-node-b.xml")]) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    host, check, reason = line.split("\t")
+    assert (host, check) == ("node-b", "test_activation_memory[cuda-fp32]") and reason.startswith("AssertionError")
