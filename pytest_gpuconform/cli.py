@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verdict.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (raw or merged)")
     verdict.add_argument(
-        "--first-failure", action="store_true", help="print '<host>: <check>: <reason>' of each failed node"
+        "--first-failure",
+        action="store_true",
+        help="print '<host> TAB <check> TAB <reason>' of each failed node (for scripts)",
     )
     verdict.set_defaults(func=_verdict)
     return parser
