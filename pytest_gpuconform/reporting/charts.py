@@ -10,6 +10,10 @@ Which numbers are charted follows measures.py's naming rule:
 * other bounded properties (``X`` with ``X_bound`` / ``X_min`` ...): measured value against
   bound per dtype, on a log scale (errors span many decades), one dot per node. Exact zeros
   (bitwise-equal results) sit on the left edge as hollow dots; NaN and inf on the right edge.
+
+Those two draw one shape per node and serve fleets of up to 32 nodes (html.py). For any
+fleet, ``histogram`` draws one number across all nodes (and GPUs) as ~30 bins with its
+bound, so its size does not grow with the fleet.
 """
 
 from __future__ import annotations

@@ -292,11 +292,7 @@ def distributions(fleet: Fleet) -> list[Distribution]:
             found.samples.append(Sample(hosts[node], where, value, None if math.isnan(bound) else bound))
     for distribution in pooled.values():
         distribution.samples.sort(key=lambda s: (natural_key(s.host), natural_key(s.where)))
-    order = sorted(
-        pooled.values(),
-        key=lambda d: (not d.higher_is_better or d.kind is None and not d.bounds, not d.past_bound(), d.area, d.check),
-    )
-    return order
+    return list(pooled.values())  # in check order; the page sorts what it shows
 
 
 # -- checks and each node's exceptions ------------------------------------------------------

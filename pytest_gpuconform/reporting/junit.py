@@ -30,7 +30,6 @@ import pytest
 from .. import compat
 
 SUITE_PROPERTY_PREFIX = "gpuconform."
-OUTCOMES = ("passed", "failed", "error", "skipped")
 MACHINE_PROPERTY = "gpuconform.machine_hostname"
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,7 @@ class ReportingPlugin:
         self._suite_dir = suite_dir()
         self._collapsed: dict[str, list] | None = None
         self._selection: stable_ids.SuiteSelection | None = None
+        self._collected: dict[str, Path] = {}  # nodeid -> the module file it was collected from
 
     @property
     def writes_reports(self) -> bool:
@@ -104,6 +106,10 @@ class ReportingPlugin:
             )
             config.args[:] = self._selection.args
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._collected = {item.nodeid: item.path for item in session.items}
+
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         selection = self._selection
         if selection is None or not selection.wanted:
@@ -138,12 +144,27 @@ class ReportingPlugin:
         if self.writes_reports and report.failed:
             self.reports.append(report)
 
+    def _test_file(self, nodeid: str) -> Path | None:
+        """The module a test was collected from (not where its function is defined: a
+        module may re-export shipped tests). Known from the items where this process
+        collected them; an xdist controller resolves the node id's path instead, against the
+        rootdir, the arguments and the suite directory, as pytest formed it."""
+        known = self._collected.get(nodeid)
+        if known is not None:
+            return known
+        part = nodeid.split("::")[0]
+        bases = [self.config.rootpath] + [Path(arg.split("::")[0]) for arg in self.config.args] + [self._suite_dir]
+        for base in bases:
+            candidate = (base / part) if part else base
+            if candidate.is_file():
+                return candidate
+        return None
+
     def _name(self, report: pytest.TestReport) -> None:
         prefix = getattr(self.config.option, "junitprefix", None)
         nodeid = report.nodeid
-        module = None
-        if report.location:
-            module = stable_ids.suite_module(self.config.rootpath / report.location[0], self._suite_dir)
+        path = self._test_file(nodeid)
+        module = None if path is None else stable_ids.suite_module(path, self._suite_dir)
         if module is None:
             self.test_ids[nodeid] = nodeid
             return
@@ -218,7 +239,7 @@ class ReportingPlugin:
                 if value is not None:
                     stats[key] = value
 
-    def summary_lines(self, terminalreporter) -> list[str]:
+    def _summary(self, terminalreporter) -> list[str]:
         from .summary import summary_lines
 
         reports = [report for category in terminalreporter.stats.values() for report in category]
@@ -231,7 +252,7 @@ class ReportingPlugin:
 
     def write_summary(self, terminalreporter) -> None:
         terminalreporter.section("gpuconform summary")
-        for line in self.summary_lines(terminalreporter):
+        for line in self._summary(terminalreporter):
             terminalreporter.write_line(line)
         hidden = sum(len(reports) for reports in (self._collapsed or {}).values())
         if hidden:

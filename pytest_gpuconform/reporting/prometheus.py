@@ -4,13 +4,15 @@ Point it into the collector's directory (``--collector.textfile.directory``, e.g
 ``/var/lib/node_exporter/textfile_collector/gpuconform.prom``); the file is replaced
 atomically (junit.AtomicOutput), as the collector's documentation asks, so a scrape never
 reads half a file. node_exporter adds ``instance``; the metrics carry no host label
-except ``gpuconform_node_info``. Alert on ``gpuconform_node_passed == 0``, or
-``gpuconform_check_passed == 0`` for one check.
+except ``gpuconform_node_info``. Alert on ``gpuconform_node_passed == 0 or
+gpuconform_node_verified == 0``, or ``gpuconform_check_passed == 0`` for one check.
 
 Metrics (all gauges):
 
-* ``gpuconform_node_passed``: 1 when no check failed (a CPU node that passed is 1 too;
-  ``gpuconform_node_verdict`` says which), else 0.
+* ``gpuconform_node_passed``: 1 when no check failed, else 0.
+* ``gpuconform_node_verified``: 1 when the run verified the node: its GPUs were checked, or
+  it is a CPU node under a spec that declares no GPUs; a GPU node whose driver is missing
+  passes as a CPU node but is 0 here. Alert on either being 0.
 * ``gpuconform_node_verdict{verdict}``: 1 for this run's verdict (passed, failed, cpu:
   passed as a CPU node, nothing: no check ran), 0 for the others.
 * ``gpuconform_node_info{host,gpus,driver,cuda,torch,nccl,spec}``: 1, the inventory as labels.
@@ -39,6 +41,7 @@ from .outcomes import CaseOutcome
 PREFIX = "gpuconform_"
 HELP = {
     "node_passed": "1 when no gpuconform check failed on this node, else 0.",
+    "node_verified": "1 when the run verified this node (GPUs checked, or a CPU node under a spec without GPUs).",
     "node_verdict": "1 for the verdict of the last gpuconform run (cpu: passed as a CPU node; nothing: no check ran).",
     "node_info": "Inventory of the node as labels (value always 1).",
     "checks": "Number of gpuconform checks by outcome in the last run.",
@@ -108,6 +111,7 @@ def textfile(
     """The textfile. ``tests``: (outcome, check id, area); ``health``: readings.GpuHealth."""
     out = TextFile()
     out.add("node_passed", {}, 0 if verdict.kind == "failed" else 1)
+    out.add("node_verified", {}, 1 if verdict.verified else 0)
     for kind in WORDS:
         out.add("node_verdict", {"verdict": kind}, 1 if kind == verdict.kind else 0)
     gpus = ", ".join(

@@ -92,7 +92,7 @@ def test_prometheus_textfile_parses_and_says_pass_fail_health_numbers(run_gpucon
     def get(metric, **labels):
         return samples[(metric, tuple(sorted(labels.items())))]
 
-    assert get("gpuconform_node_passed") == 0
+    assert get("gpuconform_node_passed") == 0 and get("gpuconform_node_verified") == 0
     assert get("gpuconform_node_verdict", verdict="failed") == 1
     assert get("gpuconform_node_verdict", verdict="passed") == 0
     gemm, bound = "test_checks.py::test_gemm", "test_checks.py::test_error_bound"
@@ -117,6 +117,16 @@ def test_prometheus_flips_to_passed_and_the_file_is_replaced(run_gpuconform, pyt
     assert run(run_gpuconform, pytester).ret == 0
     text = (pytester.path / "out" / "gpuconform.prom").read_text()
     assert "gpuconform_node_passed 1\n" in text and 'gpuconform_node_verdict{verdict="passed"} 1' in text
+    assert "gpuconform_node_verified 1\n" in text
+
+
+def test_a_cpu_node_passes_but_is_not_verified_in_prometheus(run_gpuconform, pytester):
+    (pytester.path / "out").mkdir()
+    pytester.makepyfile(test_cpu="def test_cpu():\n    pass\n")
+    assert run_gpuconform(f"--gpuconform-prometheus={pytester.path / 'out' / 'g.prom'}").ret == 0
+    text = (pytester.path / "out" / "g.prom").read_text()
+    assert "gpuconform_node_passed 1\n" in text and "gpuconform_node_verified 0\n" in text
+    assert 'gpuconform_node_verdict{verdict="cpu"} 1' in text
     assert not list((pytester.path / "out").glob(".*.tmp"))
 
 
