@@ -91,7 +91,9 @@ def test_ids_of_two_modules_keep_their_own_classnames(tmp_path):
 def test_a_module_that_re_exports_a_shipped_test_keeps_its_own_classname(tmp_path):
     """The fault tests re-export shipped checks into modules of their own: those are not
     the shipped suite, whatever file the function was defined in."""
-    (tmp_path / "test_reexport.py").write_text(f"from pytest_gpuconform.conformance.test_environment import test_{ONE}\n")
+    (tmp_path / "test_reexport.py").write_text(
+        f"from pytest_gpuconform.conformance.test_environment import test_{ONE}\n"
+    )
     done = run(tmp_path, "test_reexport.py", f"--junitxml={tmp_path / 'r.xml'}")
     assert done.returncode == 0, done.stdout[-2000:]
     assert cases(tmp_path / "r.xml") == [("test_reexport", f"test_{ONE}")]
