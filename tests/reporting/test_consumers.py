@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -209,17 +208,12 @@ def test_test_results_parser(reports, kind):
 
 def npm_tool(name: str) -> str:
     """An npm CLI installed by scripts/run-tests (or on PATH); a skip saying how otherwise."""
-    for directory in filter(None, [os.environ.get("GPUCONFORM_NPM_TOOLS"), str(ROOT / ".tools" / "npm")]):
-        path = Path(directory) / "node_modules" / ".bin" / name
-        if path.exists():
-            return str(path)
-    found = shutil.which(name)
-    if found:
-        return found
-    message = f"npm package {name} not installed (scripts/run-tests installs it into .tools/npm with npm)"
-    if os.environ.get("GPUCONFORM_REQUIRE_TOOLS"):
-        pytest.fail(message)
-    pytest.skip(message)
+    homes = filter(None, [os.environ.get("GPUCONFORM_NPM_TOOLS"), str(ROOT / ".tools" / "npm")])
+    return require_tool(
+        name,
+        how="npm package; scripts/run-tests installs it into .tools/npm",
+        dirs=tuple(Path(home) / "node_modules" / ".bin" for home in homes),
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -29,14 +29,17 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def require_tool(*names: str, debian_package: str) -> str:
-    """The first tool found; a skip with the reason where none is (a failure in CI, where
-    GPUCONFORM_REQUIRE_TOOLS=1 says it must be installed)."""
+def require_tool(*names: str, debian_package: str = "", how: str = "", dirs: tuple[Path, ...] = ()) -> str:
+    """The first tool found (in ``dirs``, then on PATH); a skip saying how to install it
+    where none is (a failure in CI, where GPUCONFORM_REQUIRE_TOOLS=1 says it must be there)."""
     for name in names:
+        for directory in dirs:
+            if (directory / name).exists():
+                return str(directory / name)
         path = shutil.which(name)
         if path:
             return path
-    message = f"{' / '.join(names)} not installed (Debian package {debian_package})"
+    message = f"{' / '.join(names)} not installed ({how or f'Debian package {debian_package}'})"
     if os.environ.get("GPUCONFORM_REQUIRE_TOOLS"):
         pytest.fail(message)
     pytest.skip(message)
