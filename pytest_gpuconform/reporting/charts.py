@@ -304,7 +304,8 @@ def histogram(
     for index, count in enumerate(counts):
         if not count:
             continue
-        height = max(HIST_HEIGHT * count / tallest, 2.0)
+        # a bin past its bound stays visible beside a tall majority, however few it holds
+        height = max(HIST_HEIGHT * count / tallest, 8.0 if red[index] else 2.0)
         chart.shapes.append(
             Shape(
                 "rect",
