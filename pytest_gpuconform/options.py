@@ -186,6 +186,30 @@ OPTIONS: tuple[Option, ...] = (
         metavar="F",
     ),
     Option(
+        "--gpuconform-spec",
+        "Acceptance spec (TOML) of what this node must be: GPU count, model, memory, links, "
+        "driver/CUDA/NCCL/torch ranges, CPU cores, host memory; each declared field is a named check. "
+        "Examples ship in pytest_gpuconform/acceptance/examples/",
+        default_text="off",
+        ini="gpuconform_spec",
+        metavar="FILE",
+    ),
+    Option(
+        "--gpuconform-json",
+        "Write one JSON document for this node (inventory, verdict, every case with its outcome and "
+        "recorded numbers) to FILE; {host} and {rank} are filled in",
+        default_text="off",
+        metavar="FILE",
+    ),
+    Option(
+        "--gpuconform-prometheus",
+        "Write this node's results as a Prometheus textfile (node_exporter's textfile collector "
+        "format: per-check pass/fail, health counters, measured numbers) to FILE; {host} and {rank} are filled in",
+        default_text="off",
+        ini="gpuconform_prometheus",
+        metavar="FILE",
+    ),
+    Option(
         "--gpuconform-perf-floors",
         "Performance floors file replacing the shipped one (pytest_gpuconform/perf/data/perf_floors.json)",
         default_text="the shipped file",

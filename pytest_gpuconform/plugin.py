@@ -10,6 +10,7 @@ When enabled, ``pytest_configure`` does the start-up work, once, in this order: 
 settings, take the node inventory, detect a cluster world, then register the feature
 plugins, whose constructors only store what they are given:
 
+* acceptance/plugin.py (with --gpuconform-spec): one named check per field of the spec;
 * collection/policy.py: parameters, plans, skips, JUnit context properties;
 * engine/plugin.py: runs multi-rank and GPU tests in rank processes (per-node mode), or
   cluster/plugin.py: joins the launcher's world (cluster mode);
@@ -118,6 +119,10 @@ def _start(config: pytest.Config) -> None:
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args[:] = [str(suite_dir())]
 
+    if settings.spec is not None:  # before the policy: see acceptance/plugin.py
+        from .acceptance.plugin import SpecChecks
+
+        register(SpecChecks(config, settings.spec), SpecChecks.PLUGIN_NAME)
     register(CollectionPolicy(settings, inventory, world), CollectionPolicy.PLUGIN_NAME)
     if world is None:
         register(RankEngine(), RankEngine.PLUGIN_NAME)

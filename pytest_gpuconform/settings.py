@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from . import options
+from .acceptance import spec as acceptance_spec
 from .collection import tolerances
 from .perf import baseline, floors
 
@@ -37,6 +38,9 @@ class Settings:
     regression_fraction: float
     peer_fraction: float
     perf_floors: floors.FloorTable  # the shipped table or --gpuconform-perf-floors, read once
+    spec: acceptance_spec.Spec | None = None  # --gpuconform-spec, read and validated once
+    json_path: str | None = None  # --gpuconform-json (may hold {host} / {rank})
+    prometheus_path: str | None = None  # --gpuconform-prometheus (may hold {host} / {rank})
 
     @classmethod
     def resolve(cls, config: pytest.Config) -> Settings:
@@ -63,6 +67,9 @@ class Settings:
             regression_fraction=value("gpuconform_regression_fraction"),
             peer_fraction=value("gpuconform_peer_fraction"),
             perf_floors=_read_floors(value("gpuconform_perf_floors")),
+            spec=_read_spec(value("gpuconform_spec")),
+            json_path=_writable_file("--gpuconform-json", value("gpuconform_json")),
+            prometheus_path=_writable_file("--gpuconform-prometheus", value("gpuconform_prometheus")),
         )
 
 
@@ -94,6 +101,15 @@ def _read_floors(path: str | None) -> floors.FloorTable:
         return floors.load(path)
     except floors.BadFloors as exc:
         raise pytest.UsageError(f"--gpuconform-perf-floors: {exc}") from None
+
+
+def _read_spec(path: str | None) -> acceptance_spec.Spec | None:
+    if not path:
+        return None
+    try:
+        return acceptance_spec.load(path)
+    except acceptance_spec.BadSpec as exc:
+        raise pytest.UsageError(f"--gpuconform-spec: {exc}") from None
 
 
 def _read_baseline(path: str | None) -> Mapping[str, float] | None:
