@@ -14,7 +14,8 @@ plugins, whose constructors only store what they are given:
 * collection/policy.py: parameters, plans, skips, JUnit context properties;
 * engine/plugin.py: runs multi-rank and GPU tests in rank processes (per-node mode), or
   cluster/plugin.py: joins the launcher's world (cluster mode);
-* reporting/plugin.py: header, suite properties, schema-safe JUnit, summary table;
+* reporting/plugin.py: header, suite properties, stable JUnit ids, verdict and summary, JSON and
+  Prometheus outputs;
 * health/watch.py, perf/baseline.py, xdist_glue.py (when xdist is active), fixtures.py.
 """
 

@@ -4,6 +4,7 @@ JUnit suite's ``hostname`` too."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def test_a_printed_node_id_reruns_that_test_from_an_empty_directory(tmp_path):
         again = run(elsewhere, argument, f"--junitxml={tmp_path / 'again.xml'}")
         assert again.returncode == 0, (argument, again.stdout[-2000:], again.stderr[-2000:])
         assert printed_id(again) == f"test_environment.py::test_{ONE}", (argument, again.stdout[:800])
-        assert "1 passed, 388 deselected" in again.stdout
+        assert re.search(r"\b1 passed, \d+ deselected", again.stdout), again.stdout[-300:]
         assert cases(tmp_path / "again.xml") == [("pytest_gpuconform.conformance.test_environment", f"test_{ONE}")]
 
 
