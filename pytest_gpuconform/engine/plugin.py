@@ -45,7 +45,7 @@ from .rank.environment import RankIdentity
 from .rank.messages import RunTest
 from .rank.spec import RankSpec
 from .rank_args import rank_arguments
-from .verdict import Context, Verdict, engine_error, fold
+from .verdict import Context, Verdict, engine_error, fold, placeholder
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class RankEngine:
         self.settings = settings
         self.inventory = inventory
         self.pools: dict[tuple, RankPool] = {}
+        self.retiring: list[RankPool] = []  # replaced pools whose ranks are leaving on their own
         self.guard = InterruptGuard()
         self._seq = itertools.count(1)
         self._template: RankSpec | None = None
@@ -129,13 +130,35 @@ class RankEngine:
             if kill:
                 pool.kill()
             else:
-                pool.close(CLOSE_SECONDS)
+                pool.retire()
+                self.retiring.append(pool)
+        if kill:
+            for pool in self.retiring:
+                pool.kill()
+            self.retiring.clear()
+        self._finish_retiring(wait=True)
 
-    def discard(self, key: tuple, why: str) -> None:
+    def discard(self, key: tuple, why: str, graceful: bool = False) -> None:
         pool = self.pools.pop(key, None)
-        if pool is not None:
-            log.debug("discarding pool %s: %s", pool.name, why)
+        if pool is None:
+            return
+        log.debug("discarding pool %s: %s", pool.name, why)
+        if graceful:
+            pool.retire()
+            self.retiring.append(pool)
+        else:
             pool.kill()
+        self._finish_retiring(wait=False)
+
+    def _finish_retiring(self, wait: bool) -> None:
+        for pool in list(self.retiring):
+            if wait:
+                pool.close(CLOSE_SECONDS)  # already asked to leave: waits for the exit, kills stragglers
+            elif pool.exited:
+                pool.kill()  # reaps and removes the directory
+            else:
+                continue
+            self.retiring.remove(pool)
 
     # -- the protocol --------------------------------------------------------------------------
     @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -183,7 +206,9 @@ class RankEngine:
                 return (yield)
             if routed.verdict is not None and routed.verdict.findings:
                 text = "; ".join(routed.verdict.findings)
-                warnings.warn(RankIsolationWarning(f"left state behind in its ranks: {text}"), stacklevel=1)
+                warning = RankIsolationWarning(f"left state behind in its ranks: {text}")
+                lineno = (item.location[1] or 0) + 1
+                warnings.warn_explicit(warning, RankIsolationWarning, str(item.path), lineno)  # the test's line
             # Nothing of this test was set up here, so the other plugins' teardowns (which
             # expect their setup to have run) are skipped; the controller's own fixtures of
             # earlier tests are torn down as pytest would, for the next test.
@@ -198,10 +223,12 @@ class RankEngine:
         if excinfo is not None and isinstance(excinfo.value, Interrupted):
             return self._interrupted_here(item, call, excinfo.value)
         routed = item.stash.get(_ROUTED, None)
-        if routed is None or routed.verdict is None:
+        if routed is None:
             return None
         if excinfo is not None and not isinstance(excinfo.value, _RanInRanks):
             return None  # the controller's own failure (its teardown of earlier tests): pytest reports it
+        if routed.verdict is None:
+            return placeholder(item, call.when)  # the setup already failed here; nothing else ran
         report = routed.verdict.reports.get(call.when)
         if report is None:
             headline = f"the ranks sent no {call.when} report"
@@ -250,8 +277,10 @@ class RankEngine:
         except RankStartError as exc:
             headline = f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]})"
             routed.verdict = engine_error(item, headline, str(exc).splitlines())
-        if routed.verdict is not None and (not routed.verdict.reusable or plan.fresh):
-            self.discard(key, "fresh ranks asked for" if routed.verdict.reusable else "ranks not reusable")
+        verdict = routed.verdict
+        if verdict is not None and (not verdict.reusable or plan.fresh):
+            why = "fresh ranks asked for" if verdict.reusable else "ranks not reusable"
+            self.discard(key, why, graceful=verdict.reusable or verdict.can_retire)
 
     def _attempt(self, item: pytest.Item, routed: _Routed, pool: RankPool, deadline: float, started) -> Verdict:
         plan = plan_of(item)
@@ -260,9 +289,9 @@ class RankEngine:
         try:
             record = attempt.run()
         except Interrupted as exc:
-            self.discard(pool.key, str(exc))
-            record = attempt.interrupted(exc.signal_name)
             item.session.shouldstop = str(exc)
+            record = attempt.interrupted(exc.signal_name)  # output first: the kill removes the logs
+            self.discard(pool.key, str(exc))
         except BaseException:
             self.discard(pool.key, "the controller was interrupted while waiting")
             raise

@@ -222,6 +222,20 @@ class RankPool:
         return logs.read_span(self.ranks[rank].log_path, start, end)
 
     # -- stop ----------------------------------------------------------------------------------
+    def retire(self) -> None:
+        """Ask the ranks to leave without waiting for them: they tear down their session
+        (session-scoped fixtures, coverage data) while the run goes on; ``close`` or
+        ``kill`` finishes the job."""
+        for handle in self.ranks:
+            try:
+                handle.conn.send(CLOSE)
+            except (BrokenPipeError, OSError):
+                pass
+
+    @property
+    def exited(self) -> bool:
+        return all(not handle.process.is_alive() for handle in self.ranks)
+
     def close(self, timeout: float = 10.0) -> None:
         """Ask the ranks to tear down their session and leave; kill whoever does not."""
         for handle in self.ranks:

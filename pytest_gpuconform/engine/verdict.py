@@ -52,6 +52,7 @@ class Verdict:
     reports: dict[str, pytest.TestReport]
     reusable: bool
     headline: str = ""
+    can_retire: bool = False  # not reusable, but every rank is idle: let it leave gracefully
     findings: list[str] = field(default_factory=list)
 
 
@@ -339,7 +340,10 @@ def fold(item: pytest.Item, record: RunRecord, context: Context) -> Verdict:
         and record.foreign == 0
         and all(run.done and not run.died and run.error is None for run in record.ranks)
     )
-    return Verdict(reports, reusable, failure.headline if failure else "", findings)
+    idle = record.foreign == 0 and all(
+        run.done and not run.died and (run.error is None or not run.error.fatal) for run in record.ranks
+    )
+    return Verdict(reports, reusable, failure.headline if failure else "", idle and not reusable, findings)
 
 
 def _teardown(item: pytest.Item, record: RunRecord, sections) -> pytest.TestReport:
@@ -367,3 +371,8 @@ def engine_error(item: pytest.Item, headline: str, lines: list[str]) -> Verdict:
         "teardown": _make(item, "teardown", "passed", None, empty, []),
     }
     return Verdict(reports, reusable=False, headline=headline)
+
+
+def placeholder(item: pytest.Item, when: str) -> pytest.TestReport:
+    """A phase with nothing to report (its test failed in the controller before reaching the ranks)."""
+    return _make(item, when, "passed", None, RunRecord([]), [])
