@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,6 +36,7 @@ from ..node.inventory import Inventory
 from ..node.pinning import node_gpu_tokens
 from ..settings import Settings
 from .attempt import Attempt
+from .findings import announce
 from .gpu_lease import LeaseTimeout, lease
 from .interrupts import Interrupted, InterruptGuard
 from .pool import RankPool, RankStartError
@@ -52,10 +52,6 @@ log = logging.getLogger(__name__)
 START_DEADLINE_FLOOR = 120.0  # spawning ranks imports torch; slow shared nodes need a while
 PYTEST_TIMEOUT_MARGIN = 5.0  # past pytest-timeout's own limit, the controller stops waiting
 CLOSE_SECONDS = 10.0
-
-
-class RankIsolationWarning(pytest.PytestWarning):
-    """A multi-rank test left state behind in its ranks (see --gpuconform-strict-isolation)."""
 
 
 class _RanInRanks(pytest.skip.Exception):  # type: ignore[name-defined]
@@ -204,11 +200,8 @@ class RankEngine:
             routed = item.stash.get(_ROUTED, None)
             if routed is None:
                 return (yield)
-            if routed.verdict is not None and routed.verdict.findings:
-                text = "; ".join(routed.verdict.findings)
-                warning = RankIsolationWarning(f"left state behind in its ranks: {text}")
-                lineno = (item.location[1] or 0) + 1
-                warnings.warn_explicit(warning, RankIsolationWarning, str(item.path), lineno)  # the test's line
+            if routed.verdict is not None:
+                announce(item, routed.verdict.findings)
             # Nothing of this test was set up here, so the other plugins' teardowns (which
             # expect their setup to have run) are skipped; the controller's own fixtures of
             # earlier tests are torn down as pytest would, for the next test.

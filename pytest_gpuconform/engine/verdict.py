@@ -28,11 +28,11 @@ import pytest
 
 from .. import compat
 from .attempt import RankRun, RunRecord
+from .findings import ISOLATION_PROPERTY, strict_headline
 from .logs import crash_lines
 from .pool import describe_exit
 
 PHASES = ("setup", "call", "teardown")
-ISOLATION_PROPERTY = "gpuconform_isolation"
 _DIST_FRAME = re.compile(r'File "[^"]*torch/distributed/[^"]*", line \d+ in (\w+)')
 _TIMEOUT_BANNER = re.compile(r"^\++ Timeout \++$", re.MULTILINE)
 
@@ -330,7 +330,7 @@ def fold(item: pytest.Item, record: RunRecord, context: Context) -> Verdict:
     else:
         reports["teardown"] = _teardown(item, record, sections("teardown"))
     if findings and context.strict_isolation and reports["teardown"].passed:
-        headline = f"left state behind in its ranks (--gpuconform-strict-isolation): {findings[0]}"
+        headline = strict_headline(findings)
         lines = [_location_line(item, headline), *findings]
         longrepr = compat.text_longrepr(str(item.path), (item.location[1] or 0) + 1, headline, lines)
         reports["teardown"] = _make(item, "teardown", "failed", longrepr, record, reports["teardown"].sections)

@@ -50,10 +50,13 @@ class LazyItems:
 
     # -- start -------------------------------------------------------------------------------
     def bootstrap(self) -> None:
-        """The session's top collectors for the controller's arguments (nothing imported)."""
+        """The session's top collectors for the controller's arguments, nothing imported:
+        node-id arguments (``file.py::test_x``) are cut to their file, or collecting them
+        would import every module they name at once."""
+        args = list(dict.fromkeys(str(arg).split("::")[0] for arg in self.session.config.args))
         self.bootstrapping = True
         try:
-            found = self.session.perform_collect(None, genitems=False)
+            found = self.session.perform_collect(args, genitems=False)
         finally:
             self.bootstrapping = False
         self.tops = [self._as_collector(node) for node in found]
