@@ -35,11 +35,12 @@ from ..collection.policy import STRICT_FAILURE
 from ..node.inventory import Inventory
 from ..node.pinning import node_gpu_tokens
 from ..settings import Settings
+from ..xdist_glue import XdistRole
 from .attempt import Attempt
 from .findings import announce
 from .gpu_lease import LeaseTimeout, lease
 from .interrupts import Interrupted, InterruptGuard
-from .pool import RankPool, RankStartError
+from .pool import RankPool, RankStartError, prestart
 from .rank.collect import names_below_file
 from .rank.environment import RankIdentity
 from .rank.messages import RunTest
@@ -111,6 +112,8 @@ class RankEngine:
     # -- session -------------------------------------------------------------------------------
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self.guard.install()
+        if not session.config.option.collectonly and not XdistRole.is_controller(session.config):
+            prestart()  # the fork server imports torch while this process collects
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

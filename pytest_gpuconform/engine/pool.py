@@ -1,8 +1,14 @@
 """The controller's handle on one set of rank processes: start, send, receive, stop.
 
-Ranks are spawned (never forked: the controller may have imported torch, and CUDA does not
-survive fork) and rendezvous through a FileStore in a private directory, so no port is
-ever raced for. Receiving waits on the pipes together with the process sentinels, so a rank
+Ranks are never forked from the controller (it may have imported torch, and CUDA does not
+survive fork). They are forked from multiprocessing's fork server, a clean process started
+at the beginning of the session that imports torch and pytest once and never touches CUDA:
+a new rank then costs a fork, not an interpreter start and a torch import, so replacing
+ranks after a failure is cheap, and the server's imports overlap the controller's
+collection. Where there is no fork server, ranks are spawned. A rank takes the controller's
+environment, ``sys.path`` and working directory as they are when the pool starts (its
+spec), not the server's. Ranks rendezvous through a FileStore in a private directory, so
+no port is ever raced for. Receiving waits on the pipes together with the process sentinels, so a rank
 that dies is noticed at once, not at a deadline. Stopping a rank kills everything below it
 too: its process group and every descendant /proc shows (a test's ``sleep 1000`` included).
 """
@@ -12,12 +18,13 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.forkserver as forkserver
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 from typing import Any
@@ -33,6 +40,29 @@ log = logging.getLogger(__name__)
 
 STACK_WAIT_SECONDS = 2.0  # how long a SIGUSR1 stack dump may take to appear
 _SERIAL = itertools.count(1)
+# What the fork server imports once for every rank it will fork (no CUDA initialisation).
+PRELOAD = [
+    "pytest_gpuconform.engine.rank.server_guard",  # first: the server dies with the controller
+    "torch",
+    "torch.distributed",
+    "pytest",
+    "pytest_gpuconform.engine.rank.session",
+]
+
+
+def _context():
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def prestart() -> None:
+    """Start the fork server now, so that its imports overlap the controller's collection."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        _context()
+        forkserver.ensure_running()
 
 
 class RankStartError(RuntimeError):
@@ -85,11 +115,14 @@ class RankPool:
     # -- start ---------------------------------------------------------------------------------
     def spawn(self) -> None:
         """Start the rank processes; ``wait_ready`` waits for them to join."""
-        context = multiprocessing.get_context("spawn")
+        context = _context()
         self._spawned_at = time.perf_counter()
         shared = os.path.join(self.tmp_dir, "shared")
         os.makedirs(shared, exist_ok=True)
         cache = os.path.join(self.workdir, "rank-cache")
+        environ = dict(os.environ)
+        if self.cuda_visible_devices is not None:
+            environ["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
         for rank in range(self.world_size):
             parent, child = context.Pipe(duplex=True)
             spec = replace(
@@ -100,6 +133,8 @@ class RankPool:
                 stack_path=os.path.join(self.log_dir, f"{self.name}-rank{rank}.stack"),
                 shared_dir=shared,
                 cpu_threads=max(1, (os.cpu_count() or 1) // self.world_size),  # the ranks share the cores
+                environ=environ,
+                sys_path=tuple(sys.path),
                 pytest_args=(
                     *self.template.pytest_args,
                     f"--basetemp={os.path.join(self.tmp_dir, f'rank{rank}')}",
@@ -109,8 +144,7 @@ class RankPool:
             )
             # Not a daemon: a daemonic process may not start children (DataLoader workers).
             process = context.Process(target=main, args=(spec, child), name=f"gpuconform-rank{rank}")
-            with _environ(CUDA_VISIBLE_DEVICES=self.cuda_visible_devices):  # spawn copies os.environ
-                process.start()
+            process.start()
             child.close()
             self.ranks.append(RankHandle(rank, process, parent, spec.log_path, spec.stack_path))
 
@@ -275,20 +309,6 @@ class RankPool:
                 pass
         self.ranks = []
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-@contextmanager
-def _environ(**values):
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update({name: value for name, value in values.items() if value is not None})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def describe_exit(code: int | None) -> str:

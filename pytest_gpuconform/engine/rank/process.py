@@ -34,7 +34,28 @@ def _redirect_output(log_path: str) -> None:
     sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
+def _take_controller_context(spec: RankSpec) -> None:
+    """A forked rank starts with the fork server's environment and path: use the controller's."""
+    if spec.environ:
+        os.environ.clear()
+        os.environ.update(spec.environ)
+    if spec.sys_path:
+        sys.path[:] = list(spec.sys_path)
+
+
+def _save_coverage() -> None:
+    """A forked process ends with os._exit, past atexit: coverage measuring this rank
+    (coverage's subprocess support under pytest-cov) saves its data here."""
+    coverage = sys.modules.get("coverage")
+    current = getattr(getattr(coverage, "Coverage", None), "current", None)
+    measuring = current() if callable(current) else None
+    if measuring is not None:
+        measuring.stop()
+        measuring.save()
+
+
 def _isolate_process(spec: RankSpec) -> None:
+    _take_controller_context(spec)
     processes.die_with_parent()
     processes.become_subreaper()
     try:
@@ -104,3 +125,4 @@ def main(spec: RankSpec, conn) -> None:
             group.leave()
         except Exception:
             traceback.print_exc()
+    _save_coverage()

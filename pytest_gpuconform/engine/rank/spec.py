@@ -9,7 +9,7 @@ facts. In the rank's ``config.stash[RANK_SPEC_KEY]`` for the fixtures that diffe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -30,6 +30,8 @@ class RankSpec:
     cpu_threads: int  # torch intra-op threads of a CPU rank (the ranks share the cores)
     settings: Any  # pytest_gpuconform.settings.Settings
     inventory: Any  # pytest_gpuconform.node.inventory.Inventory
+    environ: dict[str, str] = field(default_factory=dict)  # the controller's, when the pool starts
+    sys_path: tuple[str, ...] = ()
 
     @property
     def rank(self) -> int:
