@@ -38,6 +38,7 @@ class RankRun:
     stuck: bool = False
     stack: str = ""
     output: str = ""
+    marker: str = ""  # the rank's phase file, read when it stopped answering
 
     @property
     def done(self) -> bool:
@@ -50,7 +51,9 @@ class RankRun:
     @property
     def phase(self) -> str:
         """The phase the rank was in when it stopped answering."""
-        if "teardown" in self.reports:
+        if self.marker in ("setup", "call", "teardown"):
+            return self.marker
+        if self.marker == "done" or "teardown" in self.reports:
             return "after teardown"
         if "call" in self.reports or ("setup" in self.reports and not self.reports["setup"].passed):
             return "teardown"
@@ -112,6 +115,7 @@ class Attempt:
                 self.record.timed_out = self._bad_at is None
                 for rank in pending:
                     runs[rank].stuck = True
+                    runs[rank].marker = self.pool.phase(rank)
                 return
             for rank, message in self.pool.poll(pending, limit - now):
                 self._take(runs[rank], message)
@@ -120,6 +124,7 @@ class Attempt:
         if message is DIED:
             if not run.done:
                 run.died = True
+                run.marker = self.pool.phase(run.rank)
                 run.exitcode = self.pool.exitcode(run.rank)
                 self._bad("died", run.rank, run.phase)
             return
@@ -138,6 +143,7 @@ class Attempt:
             run.rejoined = message
         elif isinstance(message, RankError):
             run.error = message
+            run.marker = self.pool.phase(run.rank)
             self._bad("error", run.rank, run.phase)
 
     def _bad(self, kind: str, rank: int, when: str) -> None:
@@ -167,5 +173,6 @@ class Attempt:
         for run in self.record.ranks:
             if not run.done:
                 run.stuck = True
+                run.marker = self.pool.phase(run.rank)
         self.collect_output()
         return self.record

@@ -351,6 +351,7 @@ class RankEngine:
                 store_path="",
                 log_path="",
                 stack_path="",
+                phase_path="",
                 pg_timeout=0.0,
                 invocation_dir=str(self.config.invocation_params.dir),
                 pytest_args=rank_arguments(self.config),

@@ -34,6 +34,7 @@ from .rank import processes
 from .rank.environment import RankIdentity
 from .rank.messages import CLOSE, Ready, RunTest, StartupFailed
 from .rank.process import main
+from .rank.session import read_phase
 from .rank.spec import RankSpec
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class RankPool:
                 store_path=os.path.join(self.workdir, "store"),
                 log_path=os.path.join(self.log_dir, f"{self.name}-rank{rank}.log"),
                 stack_path=os.path.join(self.log_dir, f"{self.name}-rank{rank}.stack"),
+                phase_path=os.path.join(self.workdir, f"rank{rank}.phase"),
                 shared_dir=shared,
                 cpu_threads=max(1, (os.cpu_count() or 1) // self.world_size),  # the ranks share the cores
                 environ=environ,
@@ -251,6 +253,10 @@ class RankPool:
             stack = logs.read_span(self.ranks[rank].stack_path, offset)
             stacks[rank] = stack or "(no stack: the rank did not answer SIGUSR1)"
         return stacks
+
+    def phase(self, rank: int) -> str:
+        """Where the rank says it is: setup, call, teardown or done (empty: not begun)."""
+        return read_phase(os.path.join(self.workdir, f"rank{rank}.phase"))
 
     def output(self, rank: int, start: int, end: int | None = None) -> str:
         return logs.read_span(self.ranks[rank].log_path, start, end)

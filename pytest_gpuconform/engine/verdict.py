@@ -83,6 +83,15 @@ def _category(report) -> tuple[str, str]:
     return "failed", _message(report)
 
 
+def _passed_silently(run: RankRun, when: str) -> bool:
+    """The rank got past this phase, but its (passing) report was still buffered when it
+    crashed or was killed: its phase file says where it was."""
+    if when in run.reports or not (run.died or run.stuck or run.error is not None):
+        return False
+    reached = run.phase.replace("after ", "")
+    return reached in PHASES and PHASES.index(reached) > PHASES.index(when) or run.phase == "after teardown"
+
+
 def _blocked(stack: str) -> str:
     match = _DIST_FRAME.search(stack)
     return f"blocked in collective ({match.group(1)})" if match else "still running"
@@ -149,6 +158,8 @@ def _disagreement(record: RunRecord) -> _Failure | None:
         for run in record.ranks:
             if when in run.reports:
                 seen[run.rank] = _category(run.reports[when])
+            elif _passed_silently(run, when):
+                seen[run.rank] = ("passed", "")
             elif run.stuck and run.phase == when:
                 seen[run.rank] = ("stuck", "")
         if len(set(seen.values())) <= 1 or not any(k in ("skipped", "xfailed", "xpassed") for k, _ in seen.values()):
@@ -319,9 +330,12 @@ def fold(item: pytest.Item, record: RunRecord, context: Context) -> Verdict:
             longrepr = _failure_longrepr(item, failure, record, context)
             reports[when] = _make(item, when, "failed", longrepr, record, sections(when))
             break
-        if not all(when in run.reports for run in record.ranks):
+        if not all(when in run.reports or _passed_silently(run, when) for run in record.ranks):
             break
-        reports[when] = _agreed(item, when, record, sections(when))
+        if any(when in run.reports for run in record.ranks):
+            reports[when] = _agreed(item, when, record, sections(when))
+        else:
+            reports[when] = _make(item, when, "passed", None, record, sections(when))
         if not reports[when].passed:
             break  # skipped or xfailed setup: there is no call
     if failure is not None and failure.when == "teardown":

@@ -30,26 +30,26 @@ from .torch_state import TorchState, after_test_on_cuda, seed_all
 THREAD_GRACE_SECONDS = 0.2  # a thread finishing as the test ends is not a leak
 
 
+try:
+    import resource
+
+    _RLIMITS = {getattr(resource, n): n for n in dir(resource) if n.startswith("RLIMIT_")}
+except ImportError:  # not a POSIX system
+    _RLIMITS = {}
+
+
 def _rlimits() -> dict[int, tuple[int, int]]:
-    try:
-        import resource
-    except ImportError:
-        return {}
     found = {}
-    for name in dir(resource):
-        if name.startswith("RLIMIT_"):
-            which = getattr(resource, name)
-            try:
-                found[which] = resource.getrlimit(which)
-            except (OSError, ValueError):
-                continue
+    for which in _RLIMITS:
+        try:
+            found[which] = resource.getrlimit(which)
+        except (OSError, ValueError):
+            continue
     return found
 
 
 def _rlimit_name(which: int) -> str:
-    import resource
-
-    return next((n for n in dir(resource) if n.startswith("RLIMIT_") and getattr(resource, n) == which), str(which))
+    return _RLIMITS.get(which, str(which))
 
 
 def _umask() -> int:
@@ -94,8 +94,6 @@ class _PythonState:
         return findings
 
     def _restore_rlimits(self) -> list[Finding]:
-        import resource
-
         findings = []
         for which, now in _rlimits().items():
             saved = self.rlimits.get(which)
@@ -135,7 +133,7 @@ class TestBoundary:
         self._warnings = contextlib.ExitStack()
         self._warnings.enter_context(warnings.catch_warnings())  # filters and showwarning come back
         self.setup_done()  # until setup reports, whatever exists now is not the test's
-        seed_all(self.torch, seed)
+        seed_all(self.torch, seed, self.device_kind)
 
     def setup_done(self) -> None:
         self._threads = {t.ident for t in threading.enumerate() if t.ident is not None}

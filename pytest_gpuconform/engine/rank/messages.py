@@ -47,9 +47,9 @@ class StartupFailed:
 class Reports:
     """Phase reports of one test, as pytest's serialised dictionaries, in phase order.
 
-    A rank sends its setup report, and any failing or skipping phase, at once (so the
-    controller knows where each rank is, and can stop waiting for peers that will never
-    answer); passing call and teardown reports travel with ``Finished``.
+    A rank sends a failing or skipping phase at once (so the controller can stop waiting
+    for peers that will never answer); passing reports travel with ``Finished``, one
+    message per test. Where a rank is meanwhile is in its phase file (spec.py).
     """
 
     seq: int

@@ -98,6 +98,28 @@ def _sendable(data: dict) -> dict:
         return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)) for k, v in data.items()}
 
 
+class PhaseFile:
+    """One word, overwritten in place: where the controller looks when the rank cannot answer
+    (a crash, a hang), without a message per phase on the pipe."""
+
+    WIDTH = 8
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if path else -1
+
+    def set(self, word: str) -> None:
+        if self.fd >= 0:
+            os.pwrite(self.fd, word.ljust(self.WIDTH).encode(), 0)
+
+
+def read_phase(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(PhaseFile.WIDTH).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def _log_offset() -> int:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -117,6 +139,7 @@ class RankSession:
         self.group = group  # groups.DefaultGroup, or None for a one-rank worker
         self.seconds = started
         self.boundary = TestBoundary(torch, spec.identity.device_kind)
+        self.phase = PhaseFile(spec.phase_path)
         self.items: LazyItems | None = None
         self.current: _Current | None = None
         self.ready_sent = False
@@ -206,6 +229,7 @@ class RankSession:
             text = f"rank {rank} stopped inside pytest's protocol:\n{traceback.format_exc()}"
             self.conn.send(RankError(request.seq, rank, text, fatal=True))
             return False
+        self.phase.set("done")
         findings += self.boundary.end()
         state = "ok"
         if self.group is not None:
@@ -258,6 +282,19 @@ class RankSession:
         except BaseException:  # noqa: B036 - the pool is closing; the log keeps it
             traceback.print_exc()
 
+    # -- where the rank is -------------------------------------------------------------------
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item) -> None:
+        self.phase.set("setup")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_call(self, item) -> None:
+        self.phase.set("call")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_teardown(self, item) -> None:
+        self.phase.set("teardown")
+
     # -- reports -----------------------------------------------------------------------------
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         current = self.current
@@ -269,8 +306,8 @@ class RankSession:
                 self.group.setup_done()
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         current.buffer.append(_sendable(data))
-        if report.when == "setup" or not report.passed or hasattr(report, "wasxfail"):
-            self._flush()  # where this rank is, and whether peers may now wait forever
+        if not report.passed or hasattr(report, "wasxfail"):
+            self._flush()  # peers may now wait forever: let the controller know at once
 
     def _flush(self) -> None:
         current = self.current

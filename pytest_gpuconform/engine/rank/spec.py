@@ -23,6 +23,7 @@ class RankSpec:
     store_path: str  # FileStore of the pool's rendezvous
     log_path: str  # the rank's stdout and stderr, fd level
     stack_path: str  # where SIGUSR1 makes the rank write every thread's stack
+    phase_path: str  # the phase the rank is in, overwritten as it goes (read after a crash or hang)
     pg_timeout: float
     invocation_dir: str  # the controller's: rootdir and relative paths resolve the same
     pytest_args: tuple[str, ...]

@@ -176,13 +176,18 @@ def after_test_on_cuda(torch) -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def seed_all(torch, seed: int) -> None:
-    """Python's, numpy's (when imported) and torch's generators (CPU and every CUDA
-    device) from one seed: identical on every rank, so ranks draw the same numbers."""
+def seed_all(torch, seed: int, device_kind: str) -> None:
+    """Python's, numpy's (when imported) and torch's generators (CPU, and every CUDA device
+    on a GPU rank) from one seed: identical on every rank, so ranks draw the same numbers.
+
+    ``torch.manual_seed`` would also queue lazy seeding of every accelerator module, with a
+    Python stack captured for each: a millisecond per test on a CPU rank for nothing."""
     import random
 
     random.seed(seed)
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if device_kind == "cuda":
+        torch.cuda.manual_seed_all(seed)
