@@ -127,9 +127,11 @@ def _start(config: pytest.Config) -> None:
 
     settings = Settings.resolve(config)
     config.stash[SETTINGS_KEY] = settings
+    world = cluster_world.detect(mode=settings.cluster)
+    if world is None:
+        RankEngine.prepare(config)  # rank processes' imports now overlap this process's own
     inventory = collect()
     config.stash[INVENTORY_KEY] = inventory
-    world = cluster_world.detect(mode=settings.cluster)
     if world is not None:
         world = dataclasses.replace(world, backend="nccl" if inventory.node.count else "gloo")
     register = config.pluginmanager.register

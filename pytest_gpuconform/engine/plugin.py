@@ -110,10 +110,16 @@ class RankEngine:
         return item.get_closest_marker("skip") is None  # skipped here, no ranks needed
 
     # -- session -------------------------------------------------------------------------------
+    @staticmethod
+    def prepare(config: pytest.Config) -> None:
+        """Start the fork server of the ranks (pool.py) as early as possible: it imports torch
+        while this process takes the inventory and collects. Not in runs that run no tests
+        here (--collect-only, the xdist controller)."""
+        if not config.option.collectonly and not XdistRole.is_controller(config):
+            prestart()
+
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self.guard.install()
-        if not session.config.option.collectonly and not XdistRole.is_controller(session.config):
-            prestart()  # the fork server imports torch while this process collects
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

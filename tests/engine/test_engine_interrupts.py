@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from support.runs import write_files
+from support.runs import process_alive, write_files
 from support.tools import schema_errors
 
 INTERRUPTED = """
@@ -47,14 +47,6 @@ def test_2_runs_until_stopped(rank):
 def test_3_never_starts(rank):
     pass
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -84,7 +76,7 @@ def test_signal_mid_test_leaves_a_valid_report(tmp_path, signum):
 
     assert took < 5.0, f"stopping took {took:.1f} s\n{text[-3000:]}"
     assert code == pytest.ExitCode.INTERRUPTED, text[-3000:]
-    assert not [pid for pid in pids if _alive(pid)], "ranks or what they started outlived the run"
+    assert not [pid for pid in pids if process_alive(pid)], "ranks or what they started outlived the run"
     assert not list(temp.glob("gpuconform-*")), "a rank directory was left behind"
 
     assert schema_errors(tmp_path / "junit.xml") == ""

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from support.runs import run_pytest, write_files
+from support.runs import process_alive, run_pytest, write_files
 
 LEAKS = """
 import os, resource, subprocess, sys, threading, time, warnings
@@ -144,20 +144,12 @@ def test_process_and_torch_state_is_put_back(leaks):
     assert "gpuconform_isolation" not in leaks.properties("test_a1_changes_everything[ws2-cpu]")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def test_a_left_child_process_is_killed_and_named(leaks):
     note = leaks.properties("test_b1_leaves_a_grandchild[ws2-cpu]")["gpuconform_isolation"]
     for rank in (0, 1):
         pid = int((leaks.directory / f"sleep{rank}").read_text())
         assert f"rank {rank}: left child process sleep 1000 (pid {pid}) running: killed" in note, note
-        assert not _alive(pid)
+        assert not process_alive(pid)
     assert leaks.outcome("test_b1_leaves_a_grandchild[ws2-cpu]")[0] == "passed"
     assert "RankIsolationWarning: left state behind in its ranks: rank 0: left child process sleep 1000" in leaks.output
     # killing them put things right: the same ranks go on

@@ -60,3 +60,12 @@ def run_pytest(directory: Path, *args: str, env: dict | None = None, timeout: fl
         for case in ET.parse(junit).getroot().iter("testcase"):
             cases[case.get("name")] = case  # a rerun's earlier attempt is overwritten by the last
     return Run(done, cases, directory)
+
+
+def process_alive(pid: int) -> bool:
+    """Running, not a zombie (a zombie has exited; only reaping is left)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

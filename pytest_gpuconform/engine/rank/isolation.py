@@ -132,7 +132,8 @@ class TestBoundary:
         self._torch = TorchState.capture(self.torch)
         self._warnings = contextlib.ExitStack()
         self._warnings.enter_context(warnings.catch_warnings())  # filters and showwarning come back
-        self.setup_done()  # until setup reports, whatever exists now is not the test's
+        if not self._threads:
+            self.setup_done()  # a baseline before the first test's setup reports (the usual moment)
         seed_all(self.torch, seed, self.device_kind)
 
     def setup_done(self) -> None:
