@@ -219,9 +219,9 @@ def report(harnesses: list[Harness], counts: tuple[int, int], repeats: int) -> N
         if h is ours:
             continue
         print(
-            f"- vs {h.name}: end to end x{low} {ours.end_to_end(low) / h.end_to_end(low):.2f}, "
-            f"x{high} {ours.end_to_end(high) / h.end_to_end(high):.2f}; "
-            f"marginal {ours.marginal / h.marginal if h.marginal > 0 else float('inf'):.2f} (ours / theirs)"
+            f"- vs {h.name}: end to end x{low} {ours.end_to_end(low) / h.end_to_end(low):.3g}, "
+            f"x{high} {ours.end_to_end(high) / h.end_to_end(high):.3g}; "
+            f"marginal {ours.marginal / h.marginal if h.marginal > 0 else float('inf'):.3g} (ours / theirs)"
         )
     print()
     print(f"- target marginal <= 3 ms per test: {ours.marginal * 1000:.1f} ms")

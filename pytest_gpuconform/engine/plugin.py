@@ -148,7 +148,9 @@ class RankEngine:
         if pool is None:
             return
         log.debug("discarding pool %s: %s", pool.name, why)
-        if graceful:
+        if graceful and pool.device_kind == "cuda":
+            pool.close(CLOSE_SECONDS)  # its GPUs must be free before the lease is released
+        elif graceful:
             pool.retire()
             self.retiring.append(pool)
         else:
@@ -273,7 +275,8 @@ class RankEngine:
         try:
             with lease(leased, timeout=max(START_DEADLINE_FLOOR, deadline) * 2):
                 pool, started = self._pool(key, deadline, gpus)
-                routed.verdict = self._attempt(item, routed, pool, deadline, started)
+                request = self._request(item, routed.nextitem, plan.seed)
+                routed.verdict = self._attempt(item, request, pool, deadline, started)
         except LeaseTimeout as exc:
             routed.verdict = engine_error(item, str(exc), [])
         except RankStartError as exc:
@@ -284,9 +287,7 @@ class RankEngine:
             why = "fresh ranks asked for" if verdict.reusable else "ranks not reusable"
             self.discard(key, why, graceful=verdict.reusable or verdict.can_retire)
 
-    def _attempt(self, item: pytest.Item, routed: _Routed, pool: RankPool, deadline: float, started) -> Verdict:
-        plan = plan_of(item)
-        request = self._request(item, routed.nextitem, plan.seed)
+    def _attempt(self, item: pytest.Item, request: RunTest, pool: RankPool, deadline: float, started) -> Verdict:
         attempt = Attempt(pool, request, deadline, self._deserialize)
         try:
             record = attempt.run()
