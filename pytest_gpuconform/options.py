@@ -135,6 +135,21 @@ OPTIONS: tuple[Option, ...] = (
         action="store_true",
     ),
     Option(
+        "--gpuconform-strict-isolation",
+        "Fail a multi-rank test that leaves state behind in its ranks (threads, child processes, "
+        "process groups) instead of only reporting it as a warning",
+        default=False,
+        default_text="off",
+        action="store_true",
+    ),
+    Option(
+        "--gpuconform-rank-logs",
+        "Keep every rank's full output log in DIR (created if missing); by default rank logs live in a "
+        "temporary directory removed with the ranks, and reports show each test's head and tail",
+        default_text="off",
+        metavar="DIR",
+    ),
+    Option(
         "--gpuconform-tolerance",
         "Override a tolerance, e.g. 'bf16:rtol=2e-2,rel_l2=1e-2'. Repeatable; applied "
         "after the ini gpuconform_tolerances lines (one per line, site policy), so it wins",

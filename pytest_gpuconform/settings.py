@@ -29,6 +29,8 @@ class Settings:
     cpu_ranks: int
     timeout: float
     fresh_ranks: bool
+    strict_isolation: bool
+    rank_logs: str | None  # directory keeping every rank's full log
     tolerances: Mapping[str, tolerances.Tolerance]
     cluster: str  # "auto" | "on" | "off"
     cluster_junit: str | None
@@ -58,6 +60,8 @@ class Settings:
             cpu_ranks=value("gpuconform_cpu_ranks"),
             timeout=value("gpuconform_timeout"),
             fresh_ranks=bool(value("gpuconform_fresh_ranks")),
+            strict_isolation=bool(value("gpuconform_strict_isolation")),
+            rank_logs=_log_directory("--gpuconform-rank-logs", value("gpuconform_rank_logs")),
             tolerances=table,
             cluster=value("gpuconform_cluster"),
             cluster_junit=value("gpuconform_cluster_junit"),
@@ -133,3 +137,16 @@ def _writable_file(flag: str, path: str | None) -> str | None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise pytest.UsageError(f"{flag}: cannot write {path}: directory {directory} is not writable")
     return path
+
+
+def _log_directory(flag: str, path: str | None) -> str | None:
+    """A directory the ranks will write logs into: made now, so a bad path fails at start."""
+    if not path:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise pytest.UsageError(f"{flag}: cannot create {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise pytest.UsageError(f"{flag}: directory {path} is not writable")
+    return os.path.abspath(path)
