@@ -96,7 +96,8 @@ def _rank_gpu(request: pytest.FixtureRequest):
     index = torch.cuda.current_device() if torch.cuda.is_available() else None
     if index is None or index >= len(node.visible):
         pytest.skip(f"needs a GPU; rank {request.config.stash[RANK_SPEC_KEY].rank} has none visible")
-    return node.visible[index]
+    # By UUID: CUDA's ordinal order need not be NVML's (node/identity.py).
+    return node.find(str(torch.cuda.get_device_properties(index).uuid)) or node.visible[index]
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..node import nccl
 from .pool import DIED, RankPool
 from .rank.messages import Finished, RankError, Rejoined, Reports, RunTest
 
@@ -39,6 +40,8 @@ class RankRun:
     stack: str = ""
     output: str = ""
     marker: str = ""  # the rank's phase file, read when it stopped answering
+    nccl_since: int = 0  # where the rank's NCCL log ended when the test was sent
+    nccl_log: str = ""  # what NCCL wrote during the test, read when the test went wrong
 
     @property
     def done(self) -> bool:
@@ -90,6 +93,10 @@ class Attempt:
         self._bad_at: float | None = None
 
     def run(self) -> RunRecord:
+        nccl_logs = self.pool.nccl_logs()
+        for run in self.record.ranks:
+            if run.rank in nccl_logs:
+                run.nccl_since = nccl.log_size(nccl_logs[run.rank])
         offsets = self.pool.send(self.request)
         self._started = time.perf_counter()
         for run in self.record.ranks:
@@ -158,6 +165,14 @@ class Attempt:
             for rank, stack in self.pool.dump_stacks(stuck).items():
                 self.record.ranks[rank].stack = stack
         self.collect_output()
+        if self.record.events or self.record.timed_out:
+            self.collect_nccl_logs()
+
+    def collect_nccl_logs(self) -> None:
+        """NCCL's own account of what went wrong (its WARN lines), per rank, from this test only."""
+        for rank, path in self.pool.nccl_logs().items():
+            run = self.record.ranks[rank]
+            run.nccl_log = nccl.log_tail(path, since=run.nccl_since)
 
     def collect_output(self) -> None:
         for run in self.record.ranks:
@@ -175,4 +190,5 @@ class Attempt:
                 run.stuck = True
                 run.marker = self.pool.phase(run.rank)
         self.collect_output()
+        self.collect_nccl_logs()
         return self.record

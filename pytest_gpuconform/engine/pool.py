@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 from typing import Any
 
+from ..node import nccl
 from . import logs
 from .rank import processes
 from .rank.environment import RankIdentity
@@ -78,6 +79,7 @@ class RankHandle:
     log_path: str
     stack_path: str
     ready: Ready | None = None
+    nccl_log: str | None = None  # the file NCCL_DEBUG writes for this rank (NCCL pools)
 
     @property
     def pid(self) -> int:
@@ -126,6 +128,11 @@ class RankPool:
             environ["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
         for rank in range(self.world_size):
             parent, child = context.Pipe(duplex=True)
+            rank_environ = dict(environ)
+            if self.device_kind == "cuda":
+                # NCCL's async error handling, its own log per rank, deterministic cuBLAS:
+                # read by NCCL and cuBLAS at initialisation, so set before the rank starts.
+                rank_environ.update(nccl.rank_environment(rank, self.log_dir, environ))
             spec = replace(
                 self.template,
                 identity=RankIdentity(rank, self.world_size, self.backend, self.device_kind),
@@ -135,7 +142,7 @@ class RankPool:
                 phase_path=os.path.join(self.workdir, f"rank{rank}.phase"),
                 shared_dir=shared,
                 cpu_threads=max(1, (os.cpu_count() or 1) // self.world_size),  # the ranks share the cores
-                environ=environ,
+                environ=rank_environ,
                 sys_path=tuple(sys.path),
                 pytest_args=(
                     *self.template.pytest_args,
@@ -148,7 +155,10 @@ class RankPool:
             process = context.Process(target=main, args=(spec, child), name=f"gpuconform-rank{rank}")
             process.start()
             child.close()
-            self.ranks.append(RankHandle(rank, process, parent, spec.log_path, spec.stack_path))
+            handle = RankHandle(rank, process, parent, spec.log_path, spec.stack_path)
+            if self.backend == "nccl" and rank_environ.get("NCCL_DEBUG"):
+                handle.nccl_log = nccl.debug_file(rank_environ, process.pid)
+            self.ranks.append(handle)
 
     def wait_ready(self, deadline_seconds: float) -> float:
         """Wait until every rank has joined the process group and started its pytest session."""
@@ -193,6 +203,10 @@ class RankPool:
         return self.start_seconds
 
     # -- one test ------------------------------------------------------------------------------
+    def nccl_logs(self) -> dict[int, str]:
+        """rank -> the NCCL log file it writes (empty for gloo pools and NCCL_DEBUG unset)."""
+        return {r.rank: r.nccl_log for r in self.ranks if r.nccl_log}
+
     def send(self, request: RunTest) -> dict[int, int]:
         """Send the test to every rank; returns each rank's log size before it (for crashes)."""
         offsets = {r.rank: logs.size(r.log_path) for r in self.ranks}

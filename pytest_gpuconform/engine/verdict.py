@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from .. import compat
+from ..node import nccl
 from .attempt import RankRun, RunRecord
 from .findings import ISOLATION_PROPERTY, strict_headline
 from .logs import crash_lines
@@ -313,8 +314,21 @@ def findings_of(record: RunRecord) -> tuple[list[str], bool]:
     return lines, restored
 
 
+def _nccl_hint(record: RunRecord) -> str | None:
+    """NCCL's first warning during the test (a peer gone, a link fault): the reason a
+    collective failed is often only there, not in the Python exception."""
+    for run in record.ranks:
+        warnings = nccl.warn_lines(run.nccl_log)
+        if warnings:
+            return f"rank {run.rank}: NCCL WARN {warnings[0]}"
+    return None
+
+
 def fold(item: pytest.Item, record: RunRecord, context: Context) -> Verdict:
     failure = _primary(record, context)
+    hint = _nccl_hint(record) if failure is not None else None
+    if failure is not None and hint:
+        failure.headline = f"{failure.headline} ({hint})"
     _records(item, record)
     findings, restored = findings_of(record)
     if findings:
@@ -322,7 +336,10 @@ def fold(item: pytest.Item, record: RunRecord, context: Context) -> Verdict:
     output_from = PHASES.index(failure.when if failure is not None else "call")
 
     def sections(when: str) -> list[tuple[str, str]]:
-        return _sections(record, when, PHASES.index(when) >= output_from)
+        found = _sections(record, when, PHASES.index(when) >= output_from)
+        if failure is not None and failure.when == when:
+            found += [(f"NCCL log [rank {run.rank}]", run.nccl_log) for run in record.ranks if run.nccl_log]
+        return found
 
     reports: dict[str, pytest.TestReport] = {}
     for when in ("setup", "call"):

@@ -25,10 +25,14 @@ class FakePool:
     device_kind = "cpu"
     world_size = 2
 
-    def __init__(self, script) -> None:
+    def __init__(self, script, nccl_logs=None) -> None:
         self.script = list(script)
         self.killed = False
         self.ranks: list = []
+        self.nccl = dict(nccl_logs or {})
+
+    def nccl_logs(self):
+        return self.nccl
 
     def send(self, request):
         return {0: 0, 1: 0}
@@ -37,6 +41,8 @@ class FakePool:
         if not self.script:
             return []
         step = self.script.pop(0)
+        if callable(step):
+            step = step()
         if isinstance(step, BaseException):
             raise step
         return step
@@ -98,3 +104,28 @@ def test_an_exception_while_waiting_kills_the_pool():
     with pytest.raises(RuntimeError, match="another plugin's timeout"):
         engine._attempt(item, REQUEST, pool, deadline=5.0, started=None)  # type: ignore[arg-type]
     assert pool.killed and pool.key not in engine.pools
+
+
+def test_a_failure_carries_what_nccl_wrote_during_that_test_only(tmp_path):
+    """NCCL's reason for a failed collective is in its own log: the failure names its first
+    warning and keeps the rank's log from this test, not what earlier tests wrote."""
+    from pytest_gpuconform.engine.verdict import _nccl_hint
+
+    logs = {0: tmp_path / "nccl-rank0.log", 1: tmp_path / "nccl-rank1.log"}
+    logs[1].write_text("h:1:1 [0] NCCL WARN left over from an earlier test\n")
+    logs[0].write_text("")
+
+    def rank_1_fails():
+        with logs[1].open("a") as log:
+            log.write("h:1:2 [0] NCCL WARN NET/IB : Got completion with error 12, opcode 0\n")
+        return [(1, Reports(7, 1, [{"when": "call", "outcome": "failed"}])), (0, _finished(7, 0))]
+
+    pool = FakePool([rank_1_fails, [(1, _finished(7, 1))]], nccl_logs={r: str(p) for r, p in logs.items()})
+
+    def deserialize(data):
+        return _Report(data["when"], data.get("outcome", "passed"))
+
+    record = Attempt(pool, REQUEST, deadline=5, deserialize=deserialize).run()  # type: ignore[arg-type]
+    assert record.ranks[1].nccl_log == "h:1:2 [0] NCCL WARN NET/IB : Got completion with error 12, opcode 0"
+    assert record.ranks[0].nccl_log == ""
+    assert _nccl_hint(record) == "rank 1: NCCL WARN NET/IB : Got completion with error 12, opcode 0"

@@ -2,9 +2,11 @@
 
 Called once per rank process, after its output is redirected and before torch is
 imported, so whatever it sets is seen by torch, NCCL and gloo from their first import.
-This is the seam for backend tuning (NCCL debug output to a file, async error handling,
-collective timeouts): helpers that compute such settings are called from here, and what
-they return for ``init_process_group`` goes into ``GroupOptions``.
+NCCL's own settings (async error handling, its log per rank, deterministic cuBLAS: see
+node/nccl.py) are part of the environment the pool gives a CUDA rank (pool.py), since the
+controller also reads that log when a test fails; ``device_id`` for an NCCL group is added
+once the rank has its GPU (process.py). What ``init_process_group`` needs goes into
+``GroupOptions``.
 """
 
 from __future__ import annotations

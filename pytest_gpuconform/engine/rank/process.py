@@ -79,9 +79,14 @@ def _device(torch, spec: RankSpec) -> None:
 def _group(spec: RankSpec, options: environment.GroupOptions):
     if spec.identity.backend is None:
         return None
+    import torch
     import torch.distributed as dist
 
+    from ...node import nccl
     from .groups import DefaultGroup
+
+    if spec.identity.backend == "nccl":
+        options.extra.update(nccl.group_options("nccl", torch.device("cuda", torch.cuda.current_device())))
 
     group = DefaultGroup(
         dist.FileStore(spec.store_path, spec.world_size),
