@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pytest_gpuconform.checks import gather_text, mismatch, raise_if_any
+from pytest_gpuconform.checks import gather_float, gather_text, mismatch, raise_if_any
 
 from ._dist_models import rank_slice
 from ._sharded import expected_local, local, summary
@@ -120,15 +120,17 @@ def _differences(got: dict, want: dict, where: str, expected=lambda name, value:
     return problems
 
 
-def _record_comparison(record, compared: dict, problems: list) -> None:
+def _record_comparison(record, compared: dict, problems: list, world_size: int) -> None:
+    """What was compared, and the most tensors any rank found differing (not rank 0's count)."""
     record("tensors_compared", sum(torch.is_tensor(v) for v in compared.values()))
-    record("tensors_differing", len(problems))
+    record("tensors_differing", int(max(gather_float(len(problems), world_size))))
     record("tensors_differing_max", 0)
 
 
 def _shared_directory(tmp_path: Path, rank: int, world_size: int) -> str:
-    """Rank 0's directory, used by every rank (ranks of one node share the controller's
-    tmp_path; in cluster mode each rank has its own)."""
+    """Rank 0's directory, used by every rank: the ranks of a pool on one node all see it;
+    across cluster nodes it must be on a filesystem they share, else the test skips saying
+    which ranks cannot see it."""
     return gather_text(str(tmp_path / "checkpoint"), world_size)[0]
 
 
@@ -176,7 +178,7 @@ def test_dcp_sharded_roundtrip_bitwise(rank, world_size, device, tmp_path, recor
         for n, p in restored.named_parameters()
         if (found := mismatch(local(p), after[n], f"param {n!r} one step after the load vs without restart"))
     ]
-    _record_comparison(record, saved, problems)
+    _record_comparison(record, saved, problems, world_size)
     raise_if_any(summary(problems), rank, world_size, f"DCP save/load at world size {world_size}")
 
 
@@ -198,7 +200,7 @@ def test_dcp_sharded_checkpoint_loads_in_one_process(rank, world_size, device, t
         _load_into(plain, plain_optimizer, directory, no_dist=True)
         problems = _differences(_flat(_state(plain, plain_optimizer)), full, f"world size {world_size} -> 1")
     dist.barrier()
-    _record_comparison(record, full, problems)
+    _record_comparison(record, full, problems, world_size)
     raise_if_any(summary(problems), rank, world_size, f"DCP saved at world size {world_size}, loaded at 1")
 
 
@@ -225,5 +227,5 @@ def test_dcp_single_process_checkpoint_loads_sharded(rank, world_size, device, t
         f"world size 1 -> {world_size}",
         expected=lambda name, value: expected_local(value, layout[name]) if name in layout else value,
     )
-    _record_comparison(record, full, problems)
+    _record_comparison(record, full, problems, world_size)
     raise_if_any(summary(problems), rank, world_size, f"DCP saved at world size 1, loaded at {world_size}")

@@ -206,17 +206,23 @@ def test_fsdp_reshard_to_smaller_group(rank, world_size, device, tolerance, reco
         out.sum().backward()
     expected = _unsharded_bytes(tiny_lm("meta")) / 2
     extra = kept[2] - kept[True]
-    record("kept_after_forward_extra_bytes", extra)
+    # Every rank's reading, not rank 0's: the report shows the rank furthest from the bound.
+    extras = gather_float(extra, world_size)
+    worst = max(extras, key=lambda e: abs(e - expected))
+    record("kept_after_forward_extra_bytes", worst)
     record("kept_after_forward_extra_bytes_min", (1 - MEMORY_SLACK) * expected)
     record("kept_after_forward_extra_bytes_max", (1 + MEMORY_SLACK) * expected)
-    if not (1 - MEMORY_SLACK) * expected <= extra <= (1 + MEMORY_SLACK) * expected:
-        raise_if_any(
-            f"reshard_after_forward=2 keeps {extra} B more after forward than True, expected half the "
-            f"unsharded parameters: {expected:.0f} B (+-{MEMORY_SLACK:.0%})",
-            rank,
-            world_size,
-            "FSDP2 reshard_after_forward=2 memory",
-        )
+    # Called on every rank (a collective): a rank whose reading is in bounds still takes part.
+    within = (1 - MEMORY_SLACK) * expected <= extra <= (1 + MEMORY_SLACK) * expected
+    raise_if_any(
+        None
+        if within
+        else f"reshard_after_forward=2 keeps {extra} B more after forward than True, expected half the "
+        f"unsharded parameters: {expected:.0f} B (+-{MEMORY_SLACK:.0%})",
+        rank,
+        world_size,
+        "FSDP2 reshard_after_forward=2 memory",
+    )
     with true_fp32(device):
         model = sharded_lm(device, mesh, reshard_after_forward=2)
     _fp32_parity(model, device, rank, world_size, tolerance, record, "FSDP2(reshard_after_forward=2) vs single process")
@@ -451,9 +457,10 @@ def test_fsdp_resharding_frees_parameters_after_forward(rank, world_size, device
         out.sum().backward()
     expected = _unsharded_bytes(tiny_lm("meta"))
     saved = kept[False] - kept[True]
-    record("saved_after_forward_bytes", saved)
+    # The worst rank's numbers (a lower bound: the smallest saving; an upper one: the largest ratio).
+    record("saved_after_forward_bytes", min(gather_float(saved, world_size)))
     record("saved_after_forward_bytes_min", (1 - MEMORY_SLACK) * expected)
-    record("forward_peak_ratio", peak[True] / peak[False])
+    record("forward_peak_ratio", max(gather_float(peak[True] / peak[False], world_size)))
     record("forward_peak_ratio_max", 1.0)
     problems = []
     if saved < (1 - MEMORY_SLACK) * expected:

@@ -13,11 +13,13 @@ so the terminal (from the live inventory) and the page (from the JUnit file) agr
 Kinds:
 
 * ``failed``: a check failed or errored.
-* ``passed``: no failure, GPUs present and checked.
+* ``passed``: no failure, GPUs present and checked: at least one check that ran on a GPU
+  passed (``gpu_passed`` in the counts: cases whose ``device`` property is ``cuda``).
 * ``cpu``: no failure, no GPU: "passed as a CPU node". *Verified* only when the
   acceptance spec the node ran under declares zero GPUs (a CPU-only CI runner);
   otherwise the fleet counts it as not verified (GPU checks not run).
-* ``nothing``: no check ran (all skipped or none collected): not verified.
+* ``nothing``: no check ran (all skipped or none collected), or GPUs are present but no
+  check ran on one (every cuda variant skipped, deselected or a MIG node): not verified.
 """
 
 from __future__ import annotations
@@ -103,6 +105,13 @@ def node_verdict(facts: Mapping[str, str], counts: Mapping[str, int], causes: in
     if not ran:
         where = f" on {subject}" if gpu_count else f"; {subject}"
         return Verdict("nothing", f"no check ran{skipped_text}{where}", False)
+    gpu_passed = counts.get("gpu_passed")
+    if gpu_count and gpu_passed == 0:
+        return Verdict(
+            "nothing",
+            f"no check ran on a GPU of {subject}{against}: {_plural(ran, 'check')} passed elsewhere{skipped_text}",
+            False,
+        )
     if gpu_count:
         return Verdict("passed", f"{subject} verified{against}: {_plural(ran, 'check')}{skipped_text}", True)
     cpu_spec = spec is not None and facts.get(SPEC_GPU_COUNT) == "0"

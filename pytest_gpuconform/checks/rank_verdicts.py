@@ -34,18 +34,34 @@ def collective_device() -> torch.device:
 
 def gather_text(text: str, world_size: int) -> list[str]:
     """Every rank's string, in rank order. ``all_gather_object`` would do, but it needs
-    numpy, which a lean training image may not have."""
+    numpy, which a lean training image may not have.
+
+    The slots start as what no rank sends (length -1, bytes that are not UTF-8), so an
+    all_gather that delivers nothing is an error here, not a list of empty findings; and a
+    rank's own finding is its own text whatever the gather did.
+    """
     device = collective_device()
+    me = dist.get_rank()
     data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
     length = torch.tensor([data.numel()], dtype=torch.int64, device=device)
-    lengths = [torch.empty_like(length) for _ in range(world_size)]
+    lengths = [torch.full_like(length, -1) for _ in range(world_size)]
     dist.all_gather(lengths, length)
+    if any(int(n) < 0 for n in lengths) or int(lengths[me]) != data.numel():
+        raise AssertionError(
+            f"gather_text: all_gather did not deliver every rank's length (got {[int(n) for n in lengths]} "
+            f"on rank {me}): the collective the verdicts rely on is broken"
+        )
     longest = max(int(n) for n in lengths)
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: data.numel()] = data
-    slots = [torch.empty_like(padded) for _ in range(world_size)]
+    slots = [torch.full_like(padded, 0xFF) for _ in range(world_size)]  # 0xFF never occurs in UTF-8
     dist.all_gather(slots, padded)
-    return [bytes(slot[: int(n)].tolist()).decode() for slot, n in zip(slots, lengths, strict=True)]
+    found = [
+        bytes(slot[: int(n)].tolist()).decode("utf-8", errors="replace") for slot, n in zip(slots, lengths, strict=True)
+    ]
+    if found[me] != text:
+        raise AssertionError(f"gather_text: all_gather did not deliver rank {me}'s own text back to it")
+    return found
 
 
 def gather_float(value: float, world_size: int) -> list[float]:
@@ -61,9 +77,11 @@ def same_on_all_ranks(tensor: torch.Tensor, what: str, rank: int, world_size: in
     tensor, how many elements differ and the largest difference.
 
     Rank 0's copy travels by broadcast (a copy, not a reduction), so a faulty reduction
-    cannot make unequal tensors look equal.
+    cannot make unequal tensors look equal; and on the other ranks the buffer it lands in
+    starts as this rank's tensor with every bit flipped, so a broadcast that delivers
+    nothing differs at every element instead of comparing the tensor with itself.
     """
-    reference = tensor.detach().clone()
+    reference = tensor.detach().clone() if rank == 0 else _every_bit_flipped(tensor.detach())
     dist.broadcast(reference, src=0)
     if rank == 0:
         return None
@@ -71,3 +89,15 @@ def same_on_all_ranks(tensor: torch.Tensor, what: str, rank: int, world_size: in
     if problem is None:
         return None
     return problem.replace("expected", "rank 0 has").replace("(bound: exact)", "(bound: bitwise equal to rank 0)")
+
+
+def _every_bit_flipped(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that differs from ``tensor`` at every element, in every bit."""
+    if tensor.dtype == torch.bool:
+        return torch.logical_not(tensor)
+    if tensor.is_complex():
+        return torch.view_as_complex(_every_bit_flipped(torch.view_as_real(tensor)))
+    if tensor.is_floating_point():
+        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+        return torch.bitwise_not(tensor.contiguous().view(as_int)).view(tensor.dtype)
+    return torch.bitwise_not(tensor)

@@ -69,7 +69,7 @@ class TestPlan:
     def properties(self) -> list[tuple[str, Any]]:
         """The context properties of this test's JUnit case (CONTEXT_PROPERTIES, in order)."""
         props: list[tuple[str, Any]] = [("feature", self.feature)]
-        if self.device_parametrized:
+        if self.device is not None:  # a parameter, or "cuda" for a gpu-marked test
             props.append(("device", self.device))
         if self.dtype is not None:
             props.append(("dtype", self.dtype))

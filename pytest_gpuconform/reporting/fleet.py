@@ -45,6 +45,7 @@ class Check:
     area: str
     display: str
     dtype: str
+    on_gpu: bool = False  # its device property is cuda: a pass counts as a GPU verified
 
 
 @dataclass
@@ -220,6 +221,7 @@ class Fleet:
                 area_of(classname, properties),
                 display_name(classname, name),
                 properties.get("dtype", "no dtype"),
+                properties.get("device") == "cuda",
             )
             self.checks.append(check)
             self.by_key[key] = check

@@ -55,6 +55,9 @@ def node_verdicts(fleet: Fleet) -> list[NodeResult]:
     results = []
     for node in fleet.sorted_nodes():
         counts = node.counts()
+        counts["gpu_passed"] = sum(
+            code == PASSED and fleet.checks[check].on_gpu for check, code in enumerate(node.outcomes)
+        )
         causes = _node_causes(fleet, node)
         results.append(NodeResult(node, node_verdict(node.inventory, counts, len(set(causes))), counts, causes))
     return results

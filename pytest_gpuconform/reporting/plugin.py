@@ -80,6 +80,7 @@ class ReportingPlugin:
         counts = dict.fromkeys(("passed", "failed", "error", "skipped"), 0)
         for test in tests:
             counts[test.outcome] += 1
+        counts["gpu_passed"] = sum(t.outcome == "passed" and dict(t.properties).get("device") == "cuda" for t in tests)
         causes = {cause_of(t.message) for t in tests if t.outcome in ("failed", "error")}
         return node_verdict(self.facts(), counts, len(causes))
 

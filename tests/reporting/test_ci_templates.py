@@ -139,7 +139,7 @@ def test_slurm_scripts_are_valid_shell(tmp_path, script):
 # -- stand-ins -------------------------------------------------------------------------
 
 FAKE_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
-<testsuites name="pytest tests"><testsuite name="pytest" errors="0" failures="{failures}" skipped="0" tests="2" time="0.100" hostname="{host}"><properties><property name="gpuconform.host" value="{host}" /><property name="gpuconform.gpu_count" value="8" /></properties><testcase classname="pytest_gpuconform.conformance.test_environment" name="test_torch_imports_and_is_recent" time="0.001" /><testcase classname="pytest_gpuconform.conformance.test_collectives" name="test_all_reduce[ws2-cuda-fp32]" time="0.100">{result}</testcase></testsuite></testsuites>
+<testsuites name="pytest tests"><testsuite name="pytest" errors="0" failures="{failures}" skipped="0" tests="2" time="0.100" hostname="{host}"><properties><property name="gpuconform.host" value="{host}" /><property name="gpuconform.gpu_count" value="8" /></properties><testcase classname="pytest_gpuconform.conformance.test_environment" name="test_torch_imports_and_is_recent" time="0.001" /><testcase classname="pytest_gpuconform.conformance.test_collectives" name="test_all_reduce[ws2-cuda-fp32]" time="0.100"><properties><property name="device" value="cuda" /></properties>{result}</testcase></testsuite></testsuites>
 """
 
 PYTEST = f"""#!{sys.executable}

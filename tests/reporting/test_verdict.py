@@ -22,6 +22,20 @@ H100S = {f"gpu{i}_name": "NVIDIA H100 80GB HBM3" for i in range(8)}
             True,
         ),
         (
+            dict(H100S, gpu_count="8", nvml="ok"),
+            dict(passed=389, gpu_passed=270),
+            None,
+            "PASS: 8 × H100 80GB HBM3 verified: 389 checks",
+            True,
+        ),
+        (  # every cuda variant skipped or deselected (a MIG node, -k cpu): the GPUs were not checked
+            dict(H100S, gpu_count="8", nvml="ok"),
+            dict(passed=40, skipped=349, gpu_passed=0),
+            None,
+            "NOT VERIFIED: no check ran on a GPU of 8 × H100 80GB HBM3: 40 checks passed elsewhere (349 skipped)",
+            False,
+        ),
+        (
             dict(H100S, gpu_count="8", nvml="ok", spec="8 × H100 SXM"),
             dict(passed=380, skipped=9),
             None,
@@ -93,11 +107,15 @@ def test_cpu_node_says_what_it_verified(run_gpuconform, pytester):
     assert "verdict: PASS:" not in result.stdout.str()
 
 
-def test_gpu_node_says_what_it_verified(run_gpuconform, pytester, fake_nvml):
+def test_gpu_node_where_no_check_ran_on_a_gpu_is_not_verified(run_gpuconform, pytester, fake_nvml):
+    """Two H100s, but every check ran on the CPU (the cuda variants skipped or were not
+    collected): the node's GPUs were not checked, so the verdict must not be PASS."""
     fake_nvml({"gpus": [h100(0), h100(1)]})
     pytester.makepyfile(test_cpu="def test_a():\n    pass\n\ndef test_b():\n    pass\n")
     result = run_gpuconform()
-    result.stdout.fnmatch_lines(["verdict: PASS: 2 × H100 80GB HBM3 verified: 2 checks"])
+    result.stdout.fnmatch_lines(
+        ["verdict: NOT VERIFIED: no check ran on a GPU of 2 × H100 80GB HBM3: 2 checks passed elsewhere"]
+    )
 
 
 STRICT = """
