@@ -20,6 +20,7 @@ import pytest
 
 from ..collection.plan import CLUSTER, plan_of
 from . import fold
+from .faults import ClusterFaults
 from .world import MERGED_JUNIT_KEY, ClusterWorld, merged_path
 
 _FAILED_HERE = pytest.StashKey[bool]()
@@ -59,6 +60,9 @@ class ClusterMode:
         self.store = None
         self.control = None
         self.generation = 0
+        # issue 14 hook: hangs in C, lost hosts and partitions are handled in faults.py
+        self.faults = ClusterFaults(self)
+        config.pluginmanager.register(self.faults, ClusterFaults.PLUGIN_NAME)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
@@ -96,10 +100,10 @@ class ClusterMode:
         """Gather every rank's JUnit file; fail this rank if another one failed; rank 0
         writes the merged file."""
         xmlpath = getattr(self.config.option, "xmlpath", None)
-        reports = self.gather_reports(xmlpath)
+        reports, missing = self.faults.reports(self.gather_reports, xmlpath)  # issue 14 hook: bounded, salvaged
         if not any(text for _, _, text in reports):
             return
-        merged = fold.merge(reports)
+        merged = fold.merge(reports, missing)
         if fold.failed(merged) and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED  # another rank failed: so does this one
         if self.world.rank == 0 and self.xml_template:
@@ -149,7 +153,7 @@ class ClusterMode:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item):
         """A deadline for the body: SIGALRM interrupts Python-level hangs with the stack;
-        a collective stuck in C is ended by the process group's own timeout."""
+        a collective stuck in C is cut by faults.py's watchdog just after the deadline."""
         if not self._is_multi_rank(item):
             return (yield)
         deadline = plan_of(item).deadline
@@ -181,7 +185,7 @@ class ClusterMode:
         """Meet all ranks after each multi-rank test. If any rank failed it, the process
         group may hold half-done collectives (or broken gloo pairs): every rank then builds
         a new one, so the next test starts clean instead of inheriting the wreck."""
-        if not self._is_multi_rank(item):
+        if not self._is_multi_rank(item) or self.faults.lost:  # issue 14 hook: no exchange with a broken world
             return
         import torch.distributed as dist
 
@@ -216,7 +220,8 @@ class ClusterMode:
             timeout=timedelta(seconds=self.timeout + 30),
         )
         # Reports and outcomes travel over gloo even on NCCL clusters: no GPU, no stream.
-        self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(300.0, self.timeout * 2)))
+        with self.faults.protect():  # issue 14 hook: a deadline's cut never takes these connections
+            self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(300.0, self.timeout * 2)))
 
     def _rebuild_process_groups(self) -> None:
         import torch.distributed as dist
