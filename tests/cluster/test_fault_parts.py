@@ -136,3 +136,47 @@ def test_merged_file_lists_a_missing_rank_as_an_error_with_the_reason():
     assert fold.failed(merged)
     without_reason = fold.merge([("alpha", 0, _rank_xml("t1")), ("beta", 1, "")]).find(".//failure")
     assert without_reason.get("message") == "no report from host beta rank 1: rank crashed or its report is missing"
+
+
+def test_salvage_collects_the_survivors_reports_through_the_store(tmp_path, monkeypatch):
+    """Rank 0 of a 4-rank world that lost rank 2: rank 1's report arrives through the store,
+    rank 3 (alive when probed) sends nothing and is listed with that reason."""
+    import types
+
+    import torch.distributed as dist
+
+    from pytest_gpuconform.cluster import faults
+    from pytest_gpuconform.cluster.world import ClusterWorld
+
+    monkeypatch.setattr(faults, "SALVAGE_SECONDS", 0.3)
+    store = dist.HashStore()
+    own = tmp_path / "junit-a-r0.xml"
+    own.write_text(_rank_xml("t1"))
+    world = ClusterWorld("torchrun", 0, 4, 0, "a")
+    mode = types.SimpleNamespace(world=world, store=store, timeout=5.0, backend="gloo")
+    salvager = faults.ClusterFaults(mode)  # type: ignore[arg-type]
+    salvager.table = {r: peers.Peer("abcd"[r], r, "127.0.0.1", 1, f"t{r}") for r in range(4)}
+    salvager.lost = {2: "its process is gone"}
+    store.set(faults.SALVAGE_KEY.format(rank=1), _rank_xml("t1"))
+    reports = salvager._salvage(str(own))
+    assert [(h, r, bool(t)) for h, r, t in reports] == [
+        ("a", 0, True),
+        ("b", 1, True),
+        ("c", 2, False),
+        ("d", 3, False),
+    ]
+    assert salvager.lost == {2: "its process is gone", 3: "alive when the loss was found, but sent no report in 0.3 s"}
+    failure = fold.merge(reports, salvager.lost).find(".//failure")
+    assert failure.get("message") == (
+        "no report from host c rank 2: its process is gone; "
+        "no report from host d rank 3: alive when the loss was found, but sent no report in 0.3 s"
+    )
+
+
+def test_annotate_puts_the_headline_first_and_keeps_what_the_test_raised():
+    from pytest_gpuconform.cluster.faults import annotate
+
+    report = pytest.TestReport("t.py::t", ("t.py", 0, "t"), {}, "failed", "timed out after 5 s; stack: ...", "call")
+    annotate(report, "host b rank 1 lost: its process is gone", "details")
+    assert str(report.longrepr).splitlines()[0] == "host b rank 1 lost: its process is gone"
+    assert str(report.longrepr).endswith("the test raised: timed out after 5 s; stack: ...")
