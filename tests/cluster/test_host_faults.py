@@ -12,13 +12,13 @@ run on these hosts too.
 
 from __future__ import annotations
 
-import os
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from support.junit_schema import schema_errors as _schema_errors
 from support.torchrun_hosts import start_agents
 
 DEADLINE = 8.0  # --gpuconform-timeout of the faulted runs
@@ -58,26 +58,13 @@ def _message(case: ET.Element) -> str:
     return failure.get("message") or ""
 
 
-def _schema_errors(*paths: Path) -> str:
-    import subprocess
-
-    from support import DATA
-
-    done = subprocess.run(
-        ["xmllint", "--noout", "--schema", str(DATA / "junit-10-testcase-properties.xsd"), *map(str, paths)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return "" if done.returncode == 0 else done.stderr
-
-
 def _process_alive(pid: int) -> bool:
+    """Running (a rank is not our child: its torchrun reaps it, so a zombie counts as ended)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
         return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    return state != "Z"
 
 
 def _run_until_in_flight(tmp_path: Path, hosts) -> tuple:
@@ -229,14 +216,3 @@ def test_slow_link_passes_slower_with_lower_bus_bandwidth(tmp_path, make_hosts, 
     assert fast_bw > 2 * slow_bw, summary
     assert slow_seconds > fast_seconds, summary
     print(f"slow link: {summary}")
-
-
-@pytest.fixture(autouse=True)
-def _faults_need_xmllint():
-    import shutil
-
-    if shutil.which("xmllint") is None:
-        message = "xmllint not installed (Debian package libxml2-utils)"
-        if os.environ.get("GPUCONFORM_REQUIRE_TOOLS"):
-            pytest.fail(message)
-        pytest.skip(message)

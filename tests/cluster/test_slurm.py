@@ -11,8 +11,6 @@ command-line options (``--nodes``, ``--time``, ``--partition``).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -20,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from support import DATA, ROOT
+from support import ROOT
+from support.junit_schema import schema_errors as _schema_errors
 from support.slurm_cluster import KILL_WAIT, SlurmCluster, missing_daemons
 from support.torchrun_hosts import host_env
 
 PER_NODE = ROOT / "ci" / "slurm" / "gpuconform-per-node.sbatch"
 CLUSTER = ROOT / "ci" / "slurm" / "gpuconform-cluster-torchrun.sbatch"
 VENV = Path(sys.executable).parent.parent
-SCHEMA = DATA / "junit-10-testcase-properties.xsd"
 
 TIME_LIMITED = """
 import time
@@ -44,9 +42,9 @@ def test_c_outlives_the_time_limit():
 
 
 def _require_tools() -> None:
-    missing = missing_daemons() + ([] if shutil.which("xmllint") else ["xmllint"])
+    missing = missing_daemons()
     if missing:
-        message = f"{', '.join(missing)} not installed (Debian packages slurm-wlm, munge, libxml2-utils)"
+        message = f"{', '.join(missing)} not installed (Debian packages slurm-wlm, munge)"
         if os.environ.get("GPUCONFORM_REQUIRE_TOOLS"):
             pytest.fail(message)
         pytest.skip(message)
@@ -72,13 +70,6 @@ def slurm(make_module_hosts, tmp_path_factory):
 
 def _job_env(**variables: str) -> dict[str, str]:
     return host_env(GPUCONFORM_VENV=str(VENV), **variables)
-
-
-def _schema_errors(*paths: Path) -> str:
-    done = subprocess.run(
-        ["xmllint", "--noout", "--schema", str(SCHEMA), *map(str, paths)], capture_output=True, text=True, timeout=60
-    )
-    return "" if done.returncode == 0 else done.stderr
 
 
 def _submit_wait(slurm: SlurmCluster, cwd: Path, template: Path, env: dict[str, str], *options: str):
