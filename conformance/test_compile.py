@@ -61,18 +61,24 @@ def inductor_cache_dir(tmp_path_factory) -> str:
 def fresh_inductor(cache_dir: str):
     """Compile into ``cache_dir`` with dynamo's caches and counters reset before and after
     (compiled code left behind would count against dynamo's recompile limit in the next
-    test, and a test over that limit silently runs eager). Yields dynamo's counters."""
+    test, and a test over that limit silently runs eager). Inductor compiles in this
+    thread (``compile_threads = 1``): its worker pool would outlive the test, and the
+    suite's small graphs gain nothing from it. Yields dynamo's counters."""
     import torch._dynamo
+    import torch._inductor.config
     from torch._dynamo.utils import counters
 
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    threads = torch._inductor.config.compile_threads
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    torch._inductor.config.compile_threads = 1
     torch._dynamo.reset()
     counters.clear()
     try:
         yield counters
     finally:
         torch._dynamo.reset()
+        torch._inductor.config.compile_threads = threads
         if before is None:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         else:

@@ -1,7 +1,9 @@
 """The ``gpuconform`` command: ``inventory`` (this node as JSON), ``merge`` (many JUnit
-reports into one), ``report`` (one HTML page).
+reports into one), ``report`` (one HTML page), ``verdict`` (each node's verdict, one line).
 
-Exit codes: 0 success, 2 bad input (a usage error or an unreadable file).
+Exit codes: 0 success (``verdict``: no node failed), 1 (``verdict`` only) a node failed,
+2 bad input or an output that cannot be written (a message names the path and the reason;
+nothing is written then).
 """
 
 from __future__ import annotations
@@ -13,15 +15,33 @@ import sys
 
 def _inventory(args: argparse.Namespace) -> int:
     from .node.inventory import collect
+    from .reporting.junit import write_atomically
 
-    data = collect().as_json()
-    text = json.dumps(data, indent=2, sort_keys=False)
+    text = json.dumps(collect().as_json(), indent=2, sort_keys=False) + "\n"
     if args.output and args.output != "-":
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+        write_atomically(text, args.output)
     else:
-        print(text)
+        print(text, end="")
     return 0
+
+
+def _verdict(args: argparse.Namespace) -> int:
+    from .reporting import insights
+    from .reporting.fleet import FAILED, Fleet
+    from .reporting.suites import check_inputs
+
+    check_inputs(args.files)
+    fleet = Fleet.read(args.files)
+    results = insights.node_verdicts(fleet)
+    for result in results:
+        if args.first_failure:
+            node = result.node
+            check = next((i for i, code in enumerate(node.outcomes) if code >= FAILED), None)
+            if check is not None:
+                print(f"{node.label}\t{fleet.checks[check].display}\t{fleet.reason(node, check)}")
+        else:
+            print(f"{result.node.label}: {result.verdict.text()}")
+    return 1 if any(result.verdict.kind == "failed" for result in results) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge.add_command(commands)
     html.add_command(commands)
+    verdict = commands.add_parser(
+        "verdict",
+        help="print each node's verdict in one line (exit 1 when a node failed)",
+        description="Read JUnit files (per node, or merged) and print one line per node: its verdict and "
+        "what was verified. With --first-failure, print the first failing check of each failed node "
+        "instead (what the Slurm template puts in the drain reason).",
+    )
+    verdict.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (raw or merged)")
+    verdict.add_argument(
+        "--first-failure",
+        action="store_true",
+        help="print '<host> TAB <check> TAB <reason>' of each failed node (for scripts)",
+    )
+    verdict.set_defaults(func=_verdict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .reporting.junit import UnwritableOutput
+    from .reporting.suites import BadReport
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        result = args.func(args)
+    except (BadReport, UnwritableOutput) as exc:
+        print(f"gpuconform {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(result, str):
+        print(result)
+        return 0
+    return int(result)
 
 
 if __name__ == "__main__":

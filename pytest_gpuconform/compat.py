@@ -7,7 +7,6 @@ only module to mend. Everything else in the plugin uses public names (``pytest.T
 
 from __future__ import annotations
 
-import ast
 from typing import Any
 
 import pytest
@@ -25,34 +24,6 @@ def junit_xml(config: pytest.Config) -> Any | None:
     return config.stash.get(xml_key, None)
 
 
-def rewrite_asserts(tree: ast.Module, source: bytes) -> None:
-    """Apply pytest's assertion rewriting to a parsed module, in place.
-
-    Why: rank processes import test modules themselves; without rewriting a failing
-    ``assert a == b`` there says only "AssertionError".
-    """
-    from _pytest.assertion.rewrite import rewrite_asserts as rewrite
-
-    rewrite(tree, source, module_path=None, config=None)
-
-
-def fixture_argnames(item: pytest.Function) -> tuple[str, ...]:
-    """The fixtures a test function requests directly (its signature, usefixtures aside).
-
-    Why: the engine decides per fixture whether the controller or the rank provides it.
-    """
-    return tuple(item._fixtureinfo.argnames)
-
-
-def fixture_definitions(item: pytest.Function, name: str) -> tuple[Any, ...]:
-    """The FixtureDefs visible to ``item`` under ``name`` (overrides and what they override).
-
-    Why: a controller-side fixture that depends on a rank-side one cannot be sent to ranks;
-    the engine walks the dependency graph to say so by name.
-    """
-    return tuple(item._fixtureinfo.name2fixturedefs.get(name, ()))
-
-
 def unresolved_fixtures(item: pytest.Item) -> set[str]:
     """Names a test requests (directly or through other fixtures) that no plugin or
     conftest defines: pytest will fail its setup with "fixture '...' not found".
@@ -66,12 +37,33 @@ def unresolved_fixtures(item: pytest.Item) -> set[str]:
     return {name for name in info.names_closure if name not in info.name2fixturedefs and name != "request"}
 
 
-def skip_at_item_location(reason: str) -> BaseException:
-    """A skip exception reported at the test's own location, not at the raising frame.
+def setup_state(session: pytest.Session) -> Any:
+    """The session's stack of set-up nodes (``SetupState``: ``stack``, ``teardown_exact``).
 
-    Why: a skip decided by the ranks is raised by the engine; without this the report
-    would point into the plugin (pytest's own ``skip`` marker sets the same flag).
+    Why: a rank runs items one at a time as the controller sends them, so before each test
+    it tears down what an earlier test set up and this one does not share, and at the end
+    of the pool everything (pytest's own loop does this through ``nextitem``).
     """
-    skip = pytest.skip.Exception(reason)
-    skip._use_item_location = True
-    return skip
+    return session._setupstate
+
+
+def basetemp(config: pytest.Config) -> Any:
+    """The run's base temporary directory (what ``tmp_path_factory.getbasetemp()`` gives).
+
+    Why: each rank's own ``tmp_path`` base is made below the controller's, so a run's
+    temporary files stay in one place and pytest's retention of old runs covers them.
+    """
+    return config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+
+
+def text_longrepr(path: str, lineno: int, headline: str, lines: list[str]) -> Any:
+    """A failure representation built from text, with ``headline`` as its crash message.
+
+    Why: a failure the engine itself states (a rank crashed, hung, or ranks disagree) must
+    look like any other to JUnit (message attribute = headline), to the terminal's short
+    summary, and to xdist, which serialises only pytest's own representation classes.
+    """
+    from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
+
+    text = [line if line.endswith("\n") else line + "\n" for line in lines]
+    return ReprExceptionInfo(ReprTracebackNative(text), ReprFileLocation(path, lineno, headline))

@@ -4,6 +4,11 @@
 (collection/parametrize.py); names are turned into torch objects here, at run time, so
 collection never imports torch. Everything else a fixture returns was resolved once at
 start-up: the settings (settings.py), the node inventory, the test's plan.
+
+Inside a rank of the engine (``RANK_SPEC_KEY`` in the stash) these same fixtures run in the
+rank's own pytest session: ``rank``, ``device`` and ``gpu`` are that rank's, the settings
+and inventory are the controller's (handed over as data), and ``shared_tmp_path`` is one
+directory for all ranks of the test.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import pytest
 from .cluster.world import CLUSTER_KEY
 from .collection.plan import plan_of
 from .collection.policy import STRICT_FAILURE
+from .engine.rank.spec import ATTEMPT_KEY, RANK_SPEC_KEY
 from .node.inventory import INVENTORY_KEY
 from .settings import SETTINGS_KEY
 
@@ -29,6 +35,8 @@ def device(request: pytest.FixtureRequest):
     world = request.config.stash.get(CLUSTER_KEY, None)
     if world is not None and name == world.device_kind == "cuda":
         return torch.device("cuda", world.local_rank)
+    if name == "cuda" and RANK_SPEC_KEY in request.config.stash:
+        return torch.device("cuda", torch.cuda.current_device())  # the rank set its own GPU
     return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu")
 
 
@@ -49,6 +57,9 @@ def world_size(request: pytest.FixtureRequest) -> int:
 @pytest.fixture
 def rank(request: pytest.FixtureRequest) -> int:
     """This process's rank (0 outside multi-rank tests; the launcher's rank in cluster mode)."""
+    spec = request.config.stash.get(RANK_SPEC_KEY, None)
+    if spec is not None:
+        return spec.rank
     world = request.config.stash.get(CLUSTER_KEY, None)
     return world.rank if world is not None else 0
 
@@ -64,12 +75,45 @@ def process_group(request: pytest.FixtureRequest):
 @pytest.fixture
 def gpu(request: pytest.FixtureRequest):
     """NVML facts (name, UUID, bus id, memory, compute capability) of the test's GPU."""
+    if RANK_SPEC_KEY in request.config.stash:
+        return _rank_gpu(request)
     node = request.config.stash[INVENTORY_KEY].node
     if not node.visible and request.node.stash.get(STRICT_FAILURE, None):
         return None  # the test fails in its call phase (strict acceptance), not skipped here
     if not node.visible:
         pytest.skip(f"needs a GPU; {node.message or 'none visible'}")
     return node.visible[0]
+
+
+def _rank_gpu(request: pytest.FixtureRequest):
+    """A rank's GPU, asked of NVML in the rank: its CUDA_VISIBLE_DEVICES may be the GPUs
+    leased for this pool, not the controller's view."""
+    import torch
+
+    from .node import nvml
+
+    node = nvml.query()
+    index = torch.cuda.current_device() if torch.cuda.is_available() else None
+    if index is None or index >= len(node.visible):
+        pytest.skip(f"needs a GPU; rank {request.config.stash[RANK_SPEC_KEY].rank} has none visible")
+    # By UUID: CUDA's ordinal order need not be NVML's (node/identity.py).
+    return node.find(str(torch.cuda.get_device_properties(index).uuid)) or node.visible[index]
+
+
+@pytest.fixture
+def shared_tmp_path(request: pytest.FixtureRequest, tmp_path):
+    """One directory every rank of a multi-rank test sees (``tmp_path`` is per rank): for
+    checkpoints saved by some ranks and loaded by others. Outside ranks, ``tmp_path``."""
+    spec = request.config.stash.get(RANK_SPEC_KEY, None)
+    if spec is None:
+        return tmp_path
+    import re
+    from pathlib import Path
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:80]
+    path = Path(spec.shared_dir) / f"{safe}-{request.node.stash.get(ATTEMPT_KEY, 0)}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture
@@ -121,7 +165,10 @@ def health_watch(request: pytest.FixtureRequest):
     """The run's health watch: start snapshot, XID events, end comparison (health/watch.py)."""
     from .health.watch import WATCH_KEY
 
-    return request.config.stash[WATCH_KEY]
+    watch = request.config.stash.get(WATCH_KEY, None)
+    if watch is None:
+        pytest.fail("health_watch lives in the pytest controller; multi-rank tests cannot request it", pytrace=False)
+    return watch
 
 
 @pytest.fixture

@@ -135,6 +135,21 @@ OPTIONS: tuple[Option, ...] = (
         action="store_true",
     ),
     Option(
+        "--gpuconform-strict-isolation",
+        "Fail a multi-rank test that leaves state behind in its ranks (threads, child processes, "
+        "process groups) instead of only reporting it as a warning",
+        default=False,
+        default_text="off",
+        action="store_true",
+    ),
+    Option(
+        "--gpuconform-rank-logs",
+        "Keep every rank's full output log in DIR (created if missing); by default rank logs live in a "
+        "temporary directory removed with the ranks, and reports show each test's head and tail",
+        default_text="off",
+        metavar="DIR",
+    ),
+    Option(
         "--gpuconform-tolerance",
         "Override a tolerance, e.g. 'bf16:rtol=2e-2,rel_l2=1e-2'. Repeatable; applied "
         "after the ini gpuconform_tolerances lines (one per line, site policy), so it wins",
@@ -184,6 +199,30 @@ OPTIONS: tuple[Option, ...] = (
         default_text="0.1",
         parse=fraction,
         metavar="F",
+    ),
+    Option(
+        "--gpuconform-spec",
+        "Acceptance spec (TOML) of what this node must be: GPU count, model, memory, links, "
+        "driver/CUDA/NCCL/torch ranges, CPU cores, host memory; each declared field is a named check. "
+        "Examples ship in pytest_gpuconform/acceptance/examples/",
+        default_text="off",
+        ini="gpuconform_spec",
+        metavar="FILE",
+    ),
+    Option(
+        "--gpuconform-json",
+        "Write one JSON document for this node (inventory, verdict, every case with its outcome and "
+        "recorded numbers) to FILE; {host} and {rank} are filled in",
+        default_text="off",
+        metavar="FILE",
+    ),
+    Option(
+        "--gpuconform-prometheus",
+        "Write this node's results as a Prometheus textfile (node_exporter's textfile collector "
+        "format: per-check pass/fail, health counters, measured numbers) to FILE; {host} and {rank} are filled in",
+        default_text="off",
+        ini="gpuconform_prometheus",
+        metavar="FILE",
     ),
     Option(
         "--gpuconform-perf-floors",

@@ -10,11 +10,17 @@ When enabled, ``pytest_configure`` does the start-up work, once, in this order: 
 settings, take the node inventory, detect a cluster world, then register the feature
 plugins, whose constructors only store what they are given:
 
+* acceptance/plugin.py (with --gpuconform-spec): one named check per field of the spec;
 * collection/policy.py: parameters, plans, skips, JUnit context properties;
 * engine/plugin.py: runs multi-rank and GPU tests in rank processes (per-node mode), or
   cluster/plugin.py: joins the launcher's world (cluster mode);
-* reporting/plugin.py: header, suite properties, schema-safe JUnit, summary table;
+* reporting/plugin.py: header, suite properties, stable JUnit ids, verdict and summary, JSON and
+  Prometheus outputs;
 * health/watch.py, perf/baseline.py, xdist_glue.py (when xdist is active), fixtures.py.
+
+Inside a rank process of the engine (its pytest session runs the controller's items) the
+plugin starts in rank mode instead: the controller's settings and inventory arrive as data,
+and only the parametrization, the plans and the fixtures are registered.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ FIXTURES = frozenset(
         "perf_floors",
         "health_watch",
         "memory_meter",
+        "shared_tmp_path",
     }
 )
 OWN_MARKERS = ("world_size", "dtype")
@@ -77,7 +84,36 @@ def pytest_configure(config: pytest.Config) -> None:
         _start(config)
 
 
+def _rank_spec(config: pytest.Config):
+    """The rank's spec when this pytest session runs inside a rank of the engine."""
+    for plugin in config.pluginmanager.get_plugins():
+        if getattr(plugin, "PLUGIN_NAME", None) == "gpuconform-rank":
+            return plugin.spec
+    return None
+
+
+def _start_rank(config: pytest.Config, spec) -> None:
+    from .collection.policy import CollectionPolicy
+    from .collection.suite import suite_dir
+    from .engine.rank.spec import RANK_SPEC_KEY
+    from .node.inventory import INVENTORY_KEY
+    from .settings import SETTINGS_KEY
+
+    config.stash[SETTINGS_KEY] = spec.settings
+    config.stash[INVENTORY_KEY] = spec.inventory
+    config.stash[RANK_SPEC_KEY] = spec
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args[:] = [str(suite_dir())]
+    policy = CollectionPolicy(spec.settings, spec.inventory, None, rank_mode=True)
+    config.pluginmanager.register(policy, CollectionPolicy.PLUGIN_NAME)
+    config.pluginmanager.import_plugin("pytest_gpuconform.fixtures")
+
+
 def _start(config: pytest.Config) -> None:
+    spec = _rank_spec(config)
+    if spec is not None:
+        _start_rank(config, spec)
+        return
     from .cluster import world as cluster_world
     from .cluster.plugin import ClusterMode, check_rendezvous_environment
     from .cluster.world import CLUSTER_KEY
@@ -93,9 +129,11 @@ def _start(config: pytest.Config) -> None:
 
     settings = Settings.resolve(config)
     config.stash[SETTINGS_KEY] = settings
+    world = cluster_world.detect(mode=settings.cluster)
+    if world is None:
+        RankEngine.prepare(config)  # rank processes' imports now overlap this process's own
     inventory = collect()
     config.stash[INVENTORY_KEY] = inventory
-    world = cluster_world.detect(mode=settings.cluster)
     if world is not None:
         world = dataclasses.replace(world, backend="nccl" if inventory.node.count else "gloo")
     register = config.pluginmanager.register
@@ -118,9 +156,13 @@ def _start(config: pytest.Config) -> None:
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args[:] = [str(suite_dir())]
 
+    if settings.spec is not None:  # before the policy: see acceptance/plugin.py
+        from .acceptance.plugin import SpecChecks
+
+        register(SpecChecks(config, settings.spec), SpecChecks.PLUGIN_NAME)
     register(CollectionPolicy(settings, inventory, world), CollectionPolicy.PLUGIN_NAME)
     if world is None:
-        register(RankEngine(), RankEngine.PLUGIN_NAME)
+        register(RankEngine(config, settings, inventory), RankEngine.PLUGIN_NAME)
     else:
         register(
             ClusterMode(config, world, settings.timeout, junit_template, settings.cluster_junit),

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from . import options
+from .acceptance import spec as acceptance_spec
 from .collection import tolerances
 from .perf import baseline, floors
 
@@ -28,6 +29,8 @@ class Settings:
     cpu_ranks: int
     timeout: float
     fresh_ranks: bool
+    strict_isolation: bool
+    rank_logs: str | None  # directory keeping every rank's full log
     tolerances: Mapping[str, tolerances.Tolerance]
     cluster: str  # "auto" | "on" | "off"
     cluster_junit: str | None
@@ -37,6 +40,9 @@ class Settings:
     regression_fraction: float
     peer_fraction: float
     perf_floors: floors.FloorTable  # the shipped table or --gpuconform-perf-floors, read once
+    spec: acceptance_spec.Spec | None = None  # --gpuconform-spec, read and validated once
+    json_path: str | None = None  # --gpuconform-json (may hold {host} / {rank})
+    prometheus_path: str | None = None  # --gpuconform-prometheus (may hold {host} / {rank})
 
     @classmethod
     def resolve(cls, config: pytest.Config) -> Settings:
@@ -54,6 +60,8 @@ class Settings:
             cpu_ranks=value("gpuconform_cpu_ranks"),
             timeout=value("gpuconform_timeout"),
             fresh_ranks=bool(value("gpuconform_fresh_ranks")),
+            strict_isolation=bool(value("gpuconform_strict_isolation")),
+            rank_logs=_log_directory("--gpuconform-rank-logs", value("gpuconform_rank_logs")),
             tolerances=table,
             cluster=value("gpuconform_cluster"),
             cluster_junit=value("gpuconform_cluster_junit"),
@@ -63,6 +71,9 @@ class Settings:
             regression_fraction=value("gpuconform_regression_fraction"),
             peer_fraction=value("gpuconform_peer_fraction"),
             perf_floors=_read_floors(value("gpuconform_perf_floors")),
+            spec=_read_spec(value("gpuconform_spec")),
+            json_path=_writable_file("--gpuconform-json", value("gpuconform_json")),
+            prometheus_path=_writable_file("--gpuconform-prometheus", value("gpuconform_prometheus")),
         )
 
 
@@ -96,6 +107,15 @@ def _read_floors(path: str | None) -> floors.FloorTable:
         raise pytest.UsageError(f"--gpuconform-perf-floors: {exc}") from None
 
 
+def _read_spec(path: str | None) -> acceptance_spec.Spec | None:
+    if not path:
+        return None
+    try:
+        return acceptance_spec.load(path)
+    except acceptance_spec.BadSpec as exc:
+        raise pytest.UsageError(f"--gpuconform-spec: {exc}") from None
+
+
 def _read_baseline(path: str | None) -> Mapping[str, float] | None:
     if not path:
         return None
@@ -117,3 +137,16 @@ def _writable_file(flag: str, path: str | None) -> str | None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise pytest.UsageError(f"{flag}: cannot write {path}: directory {directory} is not writable")
     return path
+
+
+def _log_directory(flag: str, path: str | None) -> str | None:
+    """A directory the ranks will write logs into: made now, so a bad path fails at start."""
+    if not path:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise pytest.UsageError(f"{flag}: cannot create {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise pytest.UsageError(f"{flag}: directory {path} is not writable")
+    return os.path.abspath(path)

@@ -11,6 +11,10 @@ import pytest
 
 from support import FAKE_NVML_DIR
 
+# pytest-randomly is installed for the tests that run under it; every other pytest this
+# suite starts in a subprocess keeps its tests in file order.
+os.environ["PYTEST_ADDOPTS"] = " ".join(filter(None, [os.environ.get("PYTEST_ADDOPTS"), "-p no:randomly"]))
+
 
 @pytest.fixture
 def fake_nvml(tmp_path, monkeypatch):
@@ -58,3 +62,10 @@ def fake_pynvml(tmp_path, monkeypatch):
         return module
 
     return write
+
+
+@pytest.fixture
+def pytester(pytester, monkeypatch):
+    """pytester clears PYTEST_ADDOPTS; its subprocesses keep file order too (see above)."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    return pytester

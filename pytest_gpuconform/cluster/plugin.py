@@ -6,6 +6,12 @@ rank's pytest process (plan placement ``cluster``); each rank writes its own JUn
 the end every rank gathers all of them over a gloo group (node-local report directories are
 fine), so every rank's exit code says whether the cluster failed, and rank 0 writes the
 merged file (fold.py).
+
+A multi-rank test runs with the same rank-side machinery as the engine's ranks
+(engine/rank/): the state it changes is put back afterwards and the RNGs are seeded from the
+test id (isolation.py), what it leaves behind is found and reported on it (findings.py), and
+the default group is the engine's ``DefaultGroup``, so a ported body that calls
+``init_process_group`` for this world or destroys the group at its end works here too.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Any
 import pytest
 
 from ..collection.plan import CLUSTER, plan_of
+from ..engine import findings as isolation_findings
+from ..settings import SETTINGS_KEY
 from . import fold
 from .faults import ClusterFaults
 from .world import MERGED_JUNIT_KEY, ClusterWorld, merged_path
@@ -59,7 +67,11 @@ class ClusterMode:
         self.merged_junit = merged_junit  # --gpuconform-cluster-junit, else beside the per-rank files
         self.store = None
         self.control = None
-        self.generation = 0
+        self.group: Any = None  # engine/rank/groups.py DefaultGroup
+        self.boundary: Any = None  # engine/rank/isolation.py TestBoundary, made at the first multi-rank test
+        self._multi_rank_test: str | None = None
+        settings = config.stash.get(SETTINGS_KEY, None)
+        self.strict_isolation = bool(settings and settings.strict_isolation)
         # issue 14 hook: hangs in C, lost hosts and partitions are handled in faults.py
         self.faults = ClusterFaults(self)
         config.pluginmanager.register(self.faults, ClusterFaults.PLUGIN_NAME)
@@ -139,16 +151,29 @@ class ClusterMode:
     def _is_multi_rank(item) -> bool:
         return plan_of(item).placement == CLUSTER
 
-    def pytest_runtest_setup(self, item) -> None:
-        """Same seed on every rank for multi-rank tests, derived from the test id."""
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        """Capture the process state and seed every RNG (the same seed on every rank, from the
+        test id) before a multi-rank test; the teardown puts the state back."""
         if self._is_multi_rank(item):
-            import random
+            if self.boundary is None:
+                import torch
 
-            import torch
+                from ..engine.rank.isolation import TestBoundary
 
-            seed = plan_of(item).seed
-            random.seed(seed)
-            torch.manual_seed(seed)
+                self.boundary = TestBoundary(torch, self.world.device_kind)
+            self.boundary.begin(plan_of(item).seed)
+            self._multi_rank_test = item.nodeid
+        try:
+            return (yield)
+        finally:
+            self._multi_rank_test = None
+
+    def pytest_runtest_logreport(self, report) -> None:
+        """What exists once a multi-rank test's setup is done belongs to its fixtures."""
+        if report.when == "setup" and self.boundary is not None and report.nodeid == self._multi_rank_test:
+            self.boundary.setup_done()
+            self.group.setup_done()
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item):
@@ -181,18 +206,43 @@ class ClusterMode:
             item.stash[_FAILED_HERE] = True
         return report
 
-    def pytest_runtest_teardown(self, item) -> None:
-        """Meet all ranks after each multi-rank test. If any rank failed it, the process
-        group may hold half-done collectives (or broken gloo pairs): every rank then builds
-        a new one, so the next test starts clean instead of inheriting the wreck."""
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item):
+        """After the test's own teardown, put this rank's state back and meet all ranks. If
+        any rank failed the test, the process group may hold half-done collectives (or broken
+        gloo pairs): every rank then builds a new one, so the next test starts clean instead
+        of inheriting the wreck. A default group the test destroyed or replaced is rebuilt
+        the same way. What the test left behind is reported on it."""
+        result = yield
         if not self._is_multi_rank(item) or self.faults.lost:  # issue 14 hook: no exchange with a broken world
-            return
-        import torch.distributed as dist
+            return result
+        found = self.boundary.end() if self.boundary is not None else []
+        state = self.group.state()
+        if state == "ok":
+            found += self.group.drop_extra_groups()
+            import torch.distributed as dist
 
-        failed = [None] * self.world.world_size
-        dist.all_gather_object(failed, bool(item.stash.get(_FAILED_HERE, False)), group=self.control)
-        if any(failed):
-            self._rebuild_process_groups()
+            failed = [None] * self.world.world_size
+            dist.all_gather_object(failed, bool(item.stash.get(_FAILED_HERE, False)), group=self.control)
+            if any(failed):
+                self._rebuild_process_groups()
+        else:
+            # destroy_process_group() took the control group too: every rank ran the same
+            # body, so every rank rebuilds both, in step.
+            found.append(self.group.describe_damage(state))
+            self.group.rebuild()
+            self._new_control_group()
+        self._report(item, [f.text for f in found])
+        return result
+
+    def _report(self, item, texts: list[str]) -> None:
+        if not texts:
+            return
+        lines = [f"host {self.world.host} rank {self.world.rank}: {text}" for text in texts]
+        item.user_properties.append((isolation_findings.ISOLATION_PROPERTY, "; ".join(lines)))
+        isolation_findings.announce(item, lines)
+        if self.strict_isolation:
+            pytest.fail(isolation_findings.strict_headline(lines), pytrace=False)
 
     def _join(self) -> None:
         """Join (or re-join) the world. Each generation uses its own key prefix in one store
@@ -211,14 +261,23 @@ class ClusterMode:
                 is_master=self.world.rank == 0 and not agent_store,
                 timeout=timedelta(seconds=max(300.0, self.timeout * 2)),
             )
-        self.generation += 1
-        dist.init_process_group(
-            self.backend,
-            store=dist.PrefixStore(f"gpuconform/pg{self.generation}", self.store),
-            rank=self.world.rank,
-            world_size=self.world.world_size,
-            timeout=timedelta(seconds=self.timeout + 30),
-        )
+        from ..engine.rank.groups import DefaultGroup
+
+        if self.group is None:
+            self.group = DefaultGroup(
+                self.store, self.world.rank, self.world.world_size, self.backend, self.timeout + 30
+            )
+            self.group.join()
+            self.group.guard_reinit()
+        else:
+            self.group.rebuild()
+        self._new_control_group()
+
+    def _new_control_group(self) -> None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
         # Reports and outcomes travel over gloo even on NCCL clusters: no GPU, no stream.
         with self.faults.protect():  # issue 14 hook: a deadline's cut never takes these connections
             self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(300.0, self.timeout * 2)))
@@ -227,5 +286,4 @@ class ClusterMode:
         import torch.distributed as dist
 
         dist.barrier(group=self.control)  # nobody still uses the old groups
-        dist.destroy_process_group()
         self._join()

@@ -50,6 +50,7 @@ class TestPlan:
     seed: int  # the same on every rank, derived from the test id
     gpu_need: GpuNeed | None
     device_parametrized: bool  # the device is a parameter (part of the test id)
+    unparametrizable_sizes: tuple[int, ...] = ()  # world_size(2, 4) on a unittest method: a usage error
 
     @property
     def pool_key(self) -> tuple[int, str | None, str] | None:
@@ -95,6 +96,15 @@ def _feature(item: pytest.Item) -> str:
     return (module.__name__.rsplit(".", 1)[-1] if module else item.name).removeprefix("test_")
 
 
+def _is_unittest(item: pytest.Item) -> bool:
+    """unittest.TestCase methods: pytest never parametrizes them (no pytest_generate_tests)."""
+    import sys
+
+    unittest = sys.modules.get("unittest")
+    cls = getattr(item, "cls", None)
+    return unittest is not None and isinstance(cls, type) and issubclass(cls, unittest.TestCase)
+
+
 def make_plan(item: pytest.Item, timeout: float, fresh_ranks: bool, cluster: bool) -> TestPlan:
     """The plan of ``item`` under the run's deadline, fresh-ranks setting and mode."""
     params = params_of(item)
@@ -102,6 +112,13 @@ def make_plan(item: pytest.Item, timeout: float, fresh_ranks: bool, cluster: boo
     spec = world_size_spec(item.get_closest_marker("world_size"), item.nodeid)
     device = params.get("device") or ("cuda" if need is not None else None)
     world_size = params.get("world_size")
+    unparametrizable: tuple[int, ...] = ()
+    if world_size is None and spec is not None and _is_unittest(item):
+        # One size is taken as the test's world; several cannot become ids and are refused.
+        if len(spec.sizes) == 1:
+            world_size = spec.sizes[0]
+        else:
+            unparametrizable = spec.sizes
     if world_size is not None:
         placement = CLUSTER if cluster else RANKS
         backend = "nccl" if device == "cuda" else "gloo"
@@ -121,6 +138,7 @@ def make_plan(item: pytest.Item, timeout: float, fresh_ranks: bool, cluster: boo
         seed=seed_of(item.nodeid),
         gpu_need=need,
         device_parametrized="device" in params,
+        unparametrizable_sizes=unparametrizable,
     )
 
 

@@ -5,6 +5,9 @@ JUnit properties, and whether this node can run it. A test the node cannot run i
 with the reason, except under strict acceptance (``--gpuconform-expect-gpus N`` on a node
 with fewer GPUs), where a missing GPU fails the test in its call phase, so JUnit shows a
 ``<failure>`` rather than an ``<error>``.
+
+In a rank of the engine (``rank_mode``) only the parameters and plans are made: the
+controller already decided that the test runs, and it owns the JUnit properties.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ STRICT_FAILURE: pytest.StashKey[str] = pytest.StashKey()
 class CollectionPolicy:
     PLUGIN_NAME = "gpuconform-collection"
 
-    def __init__(self, settings: Settings, inventory: Inventory, cluster_world) -> None:
+    def __init__(self, settings: Settings, inventory: Inventory, cluster_world, rank_mode: bool = False) -> None:
         self.settings = settings
         self.node = inventory.node
         self.cluster_world = cluster_world  # cluster/world.py ClusterWorld, or None
+        self.rank_mode = rank_mode
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         parametrize.generate(metafunc)
@@ -37,7 +41,15 @@ class CollectionPolicy:
         for item in items:
             plan = make_plan(item, self.settings.timeout, self.settings.fresh_ranks, self.cluster_world is not None)
             item.stash[PLAN_KEY] = plan
+            if self.rank_mode:
+                continue
             item.user_properties[:0] = plan.properties()
+            if plan.unparametrizable_sizes:
+                item.stash[STRICT_FAILURE] = (
+                    f"world_size{plan.unparametrizable_sizes} on a unittest.TestCase method: pytest cannot "
+                    "parametrize unittest tests, so the marker must name exactly one world size"
+                )
+                continue
             self._apply_requirements(item, plan)
 
     def gpu_reason(self, plan: TestPlan) -> tuple[str | None, bool]:

@@ -1,34 +1,73 @@
-"""Route tests to rank processes and turn what the ranks did into pytest outcomes.
+"""Route tests to rank processes and give pytest back one report per phase.
 
 A test goes to the ranks when it has a ``world_size`` parameter (N ranks with a process
-group) or when it needs a GPU (one worker rank, no process group): the pytest controller
-never creates a CUDA context itself. Everything else runs in the pytest process as usual.
+group) or needs a GPU (one worker rank, no process group): the pytest controller never
+creates a CUDA context itself. Everything else runs in the pytest process as usual.
+
+For a routed test the controller resolves no fixture and runs no test code. In its setup
+phase it sends the test to the ranks (node ids, not objects) and follows them to the end of
+the test (attempt.py); the ranks' reports are folded into one report per phase
+(verdict.py), which pytest gets from ``pytest_runtest_makereport`` in each phase. Whoever
+drives the protocol (pytest, pytest-rerunfailures) therefore drives it as for any test,
+and every plugin reading reports (JUnit, xdist, terminal, baselines) sees ordinary ones.
 
 Pools of ranks are kept per (world size, backend, device kind) and reused until a test
-fails, times out or crashes in them, or fresh ranks are asked for.
+fails, times out, crashes or leaves what cannot be put right in them, or fresh ranks are
+asked for. Any exception that reaches the controller while it waits (another plugin's
+timeout, KeyboardInterrupt, SystemExit) kills that pool before it goes on: no later test
+can receive an earlier test's answers. pytest-timeout's timer is left to the ranks (they
+run the same pytest-timeout); the controller waits that long plus a margin.
 """
 
 from __future__ import annotations
 
-import inspect
+import itertools
 import logging
 import os
-import pickle
+from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 
 from .. import compat
-from ..collection.plan import TestPlan, plan_of
+from ..collection.plan import plan_of
+from ..collection.policy import STRICT_FAILURE
+from ..node.inventory import Inventory
 from ..node.pinning import node_gpu_tokens
+from ..settings import Settings
+from ..xdist_glue import XdistRole
+from .attempt import Attempt
+from .findings import announce
 from .gpu_lease import LeaseTimeout, lease
-from .pool import RankPool, RankStartError
-from .rank.fixtures import RANK_SIDE
+from .interrupts import Interrupted, InterruptGuard
+from .pool import RankPool, RankStartError, prestart
+from .rank.collect import names_below_file
+from .rank.environment import RankIdentity
 from .rank.messages import RunTest
-from .verdict import Verdict, judge
+from .rank.spec import RankSpec
+from .rank_args import rank_arguments
+from .verdict import Context, Verdict, engine_error, fold, placeholder
 
 log = logging.getLogger(__name__)
 
 START_DEADLINE_FLOOR = 120.0  # spawning ranks imports torch; slow shared nodes need a while
+PYTEST_TIMEOUT_MARGIN = 5.0  # past pytest-timeout's own limit, the controller stops waiting
+CLOSE_SECONDS = 10.0
+
+
+class _RanInRanks(pytest.skip.Exception):  # type: ignore[name-defined]
+    """Ends a routed test's controller phase: its report comes from the ranks. A skip, so
+    pytest never offers it to a debugger; the engine's makereport replaces it."""
+
+
+@dataclass
+class _Routed:
+    nextitem: Any
+    pytest_timeout: float | None = None
+    verdict: Verdict | None = None
+
+
+_ROUTED: pytest.StashKey[_Routed] = pytest.StashKey()
 
 
 def gpus_to_lease(key: tuple) -> tuple[list[str], str | None]:
@@ -48,207 +87,286 @@ def gpus_to_lease(key: tuple) -> tuple[list[str], str | None]:
     return chosen, ",".join(chosen)
 
 
-class UnsendableFixture(Exception):
-    pass
-
-
-VERDICT_KEY: pytest.StashKey[Verdict] = pytest.StashKey()
-
-
-class _Crash:
-    def __init__(self, path: str, lineno: int, message: str) -> None:
-        self.path, self.lineno, self.message = path, lineno, message
-
-
-class RankFailureRepr:
-    """A failure report whose one-line message is the verdict's headline.
-
-    JUnit's ``message`` attribute and pytest's short summary show the headline (rank,
-    exception, measured value vs bound); the body holds the rank's traceback and the
-    per-rank summary.
-    """
-
-    def __init__(self, location: tuple, headline: str, text: str) -> None:
-        path, lineno, _ = location
-        self.reprcrash = _Crash(path, (lineno or 0) + 1, headline)
-        self.text = text
-
-    def toterminal(self, tw) -> None:
-        for line in self.text.splitlines():
-            tw.line(line)
-
-    def __str__(self) -> str:
-        return self.text
-
-
-def _rank_side_dependencies(item: pytest.Function, name: str, seen: set | None = None) -> set[str]:
-    """Rank-side fixtures a controller-resolved fixture depends on, directly or not."""
-    seen = set() if seen is None else seen
-    found: set[str] = set()
-    for fixturedef in compat.fixture_definitions(item, name):  # overrides and what they override
-        for arg in fixturedef.argnames:
-            if arg in RANK_SIDE:
-                found.add(arg)
-            elif arg not in seen:
-                seen.add(arg)
-                found |= _rank_side_dependencies(item, arg, seen)
-    return found
-
-
-def controller_kwargs(item: pytest.Function) -> tuple[dict, tuple[str, ...]]:
-    """Fixture values resolved here and pickled to the ranks, plus the names ranks provide."""
-    kwargs, rank_side = {}, []
-    for name in compat.fixture_argnames(item):
-        if name in RANK_SIDE:
-            rank_side.append(name)
-            continue
-        depends = _rank_side_dependencies(item, name)
-        if depends:
-            raise UnsendableFixture(
-                f"fixture {name!r} of {item.nodeid} depends on {', '.join(sorted(depends))}, which only exist "
-                f"inside the ranks; fixtures of multi-rank tests are resolved once in the controller, so compute "
-                f"per-rank values in the test body instead"
-            )
-        kwargs[name] = _pickled(item, f"fixture {name!r}", item.funcargs[name])
-    return kwargs, tuple(rank_side)
-
-
-def _pickled(item: pytest.Function, what: str, value) -> bytes:
-    """Pickled on its own, so the rank can name exactly what failed to arrive."""
-    try:
-        return pickle.dumps(value)
-    except Exception as exc:
-        raise UnsendableFixture(
-            f"{what} of {item.nodeid} has a value of type {type(value).__name__} that cannot be "
-            f"sent to the rank processes ({type(exc).__name__}: {exc}); multi-rank tests can only "
-            f"receive picklable values (paths, numbers, strings, tensors, dataclasses)"
-        ) from None
-
-
-def build_request(item: pytest.Function, plan: TestPlan) -> RunTest:
-    import sys
-
-    function = item.obj
-    if (
-        inspect.iscoroutinefunction(function)
-        or inspect.isasyncgenfunction(function)
-        or inspect.isgeneratorfunction(function)
-    ):
-        raise UnsendableFixture(
-            f"{item.nodeid} is a coroutine or generator function; multi-rank test bodies "
-            "must be plain functions (nothing would run them to completion in the ranks)"
-        )
-    kwargs, rank_side = controller_kwargs(item)
-    instance = _pickled(item, "the test class instance", item.instance) if item.cls is not None else None
-    module = item.module
-    qualname = item.originalname if item.cls is None else f"{item.cls.__qualname__}.{item.originalname}"
-    return RunTest(
-        nodeid=item.nodeid,
-        module_name=module.__name__,
-        module_file=module.__file__,
-        function=qualname,
-        kwargs=kwargs,
-        instance=instance,
-        rank_fixtures=rank_side,
-        sys_path=tuple(sys.path),
-        seed=plan.seed,
-    )
-
-
 class RankEngine:
     """The pytest-facing side of the engine (one per pytest process)."""
 
     PLUGIN_NAME = "gpuconform-engine"
 
-    def __init__(self) -> None:
+    def __init__(self, config: pytest.Config, settings: Settings, inventory: Inventory) -> None:
+        self.config = config
+        self.settings = settings
+        self.inventory = inventory
         self.pools: dict[tuple, RankPool] = {}
+        self.retiring: list[RankPool] = []  # replaced pools whose ranks are leaving on their own
+        self.guard = InterruptGuard()
+        self._seq = itertools.count(1)
+        self._template: RankSpec | None = None
 
-    def pool_for(self, key: tuple, timeout: float, gpus: str | None = None) -> RankPool:
-        pool = self.pools.get(key)
-        if pool is not None and pool.alive and pool.pg_timeout >= timeout + 60.0:
-            return pool
-        if pool is not None:
-            pool.kill()
-        world_size, backend, device_kind = key
-        pool = RankPool(world_size, backend, device_kind, pg_timeout=timeout + 60.0, cuda_visible_devices=gpus)
-        try:
-            seconds = pool.start(deadline_seconds=max(START_DEADLINE_FLOOR, timeout))
-        except BaseException as exc:
-            pool.kill()  # never leave half-started ranks or their directory behind
-            if isinstance(exc, RankStartError):
-                raise
-            raise RankStartError(f"{type(exc).__name__}: {exc}") from exc
-        log.debug("started pool %s in %.2f s (pids %s)", key, seconds, [r.process.pid for r in pool.ranks])
-        self.pools[key] = pool
-        return pool
+    # -- which tests go to ranks ---------------------------------------------------------------
+    @staticmethod
+    def routed(item: pytest.Item) -> bool:
+        if plan_of(item).pool_key is None or item.stash.get(STRICT_FAILURE, None):
+            return False
+        return item.get_closest_marker("skip") is None  # skipped here, no ranks needed
 
-    def discard(self, key: tuple, why: str) -> None:
-        pool = self.pools.pop(key, None)
-        if pool is not None:
-            log.debug("discarding pool %s: %s", key, why)
-            pool.kill()
+    # -- session -------------------------------------------------------------------------------
+    @staticmethod
+    def prepare(config: pytest.Config) -> None:
+        """Start the fork server of the ranks (pool.py) as early as possible: it imports torch
+        while this process takes the inventory and collects. Not in runs that run no tests
+        here (--collect-only, the xdist controller)."""
+        if not config.option.collectonly and not XdistRole.is_controller(config):
+            prestart()
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_pyfunc_call(self, pyfuncitem: pytest.Function):
-        plan = plan_of(pyfuncitem)
-        key = plan.pool_key
-        if key is None:
-            return None
-        try:
-            request = build_request(pyfuncitem, plan)
-        except UnsendableFixture as exc:
-            pytest.fail(str(exc), pytrace=False)
-        timeout = plan.deadline
-        leased, gpus = gpus_to_lease(key)
-        try:
-            with lease(leased, timeout=max(START_DEADLINE_FLOOR, timeout) * 2):
-                try:
-                    pool = self.pool_for(key, timeout, gpus)
-                except RankStartError as exc:
-                    self.discard(key, "start-up failed")
-                    pytest.fail(
-                        f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]}): {exc}",
-                        pytrace=False,
-                    )
-                result = pool.run(request, timeout)
-        except LeaseTimeout as exc:
-            pytest.fail(str(exc), pytrace=False)
-        verdict = judge(result, key[0], timeout)
-        if not verdict.reusable or plan.fresh:
-            why = "fresh ranks asked for" if verdict.reusable else f"test {verdict.outcome}: ranks not reusable"
-            self.discard(key, why)
-        self._report(pyfuncitem, result.output, verdict)
-        return True
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.guard.install()
 
-    def _report(self, item: pytest.Function, output: dict[int, str], verdict: Verdict) -> None:
-        for rank in sorted(output):
-            if output[rank].strip():
-                item.add_report_section("call", "stdout", f"[rank {rank}]\n{output[rank]}")
-        item.user_properties.extend(verdict.records)
-        if verdict.outcome == "skipped":
-            raise compat.skip_at_item_location(verdict.headline)
-        if verdict.outcome == "failed":
-            item.stash[VERDICT_KEY] = verdict
-            pytest.fail(verdict.longrepr(), pytrace=False)
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.close_pools(kill=bool(self.guard.received))
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call):
-        report = yield
-        verdict = item.stash.get(VERDICT_KEY, None)
-        if verdict is not None and call.when == "call" and report.failed:
-            report.longrepr = RankFailureRepr(item.location, verdict.headline, verdict.longrepr())
-            # Plain attributes survive xdist's report serialisation; the repr object does not.
-            report.gpuconform_headline = verdict.headline
-        return report
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.close_pools(kill=True)
+        self.guard.uninstall()
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """On the xdist controller: give a rank failure back its one-line JUnit message."""
-        headline = getattr(report, "gpuconform_headline", None)
-        if headline and isinstance(report.longrepr, str):
-            report.longrepr = RankFailureRepr(report.location, headline, report.longrepr)  # type: ignore[assignment]
-
-    def pytest_sessionfinish(self) -> None:
+    def close_pools(self, kill: bool = False) -> None:
         for key in list(self.pools):
             pool = self.pools.pop(key)
-            pool.close()
+            if kill:
+                pool.kill()
+            else:
+                pool.retire()
+                self.retiring.append(pool)
+        if kill:
+            for pool in self.retiring:
+                pool.kill()
+            self.retiring.clear()
+        self._finish_retiring(wait=True)
+
+    def discard(self, key: tuple, why: str, graceful: bool = False) -> None:
+        pool = self.pools.pop(key, None)
+        if pool is None:
+            return
+        log.debug("discarding pool %s: %s", pool.name, why)
+        if graceful and pool.device_kind == "cuda":
+            pool.close(CLOSE_SECONDS)  # its GPUs must be free before the lease is released
+        elif graceful:
+            pool.retire()
+            self.retiring.append(pool)
+        else:
+            pool.kill()
+        self._finish_retiring(wait=False)
+
+    def _finish_retiring(self, wait: bool) -> None:
+        for pool in list(self.retiring):
+            if wait:
+                pool.close(CLOSE_SECONDS)  # already asked to leave: waits for the exit, kills stragglers
+            elif pool.exited:
+                pool.kill()  # reaps and removes the directory
+            else:
+                continue
+            self.retiring.remove(pool)
+
+    # -- the protocol --------------------------------------------------------------------------
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
+        if self.routed(item):
+            item.stash[_ROUTED] = _Routed(nextitem)
+        try:
+            return (yield)
+        finally:
+            if nextitem is None:
+                # The session's last test: its fixtures of every scope are done, in the
+                # ranks as here. Ranks leave now, so their coverage data is written before
+                # pytest-cov combines it.
+                self.close_pools(kill=bool(self.guard.received))
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item):
+        self.guard.enter_phase()
+        try:
+            routed = item.stash.get(_ROUTED, None)
+            if routed is None:
+                return (yield)
+            routed.verdict = None
+            self._run_in_ranks(item, routed)
+            raise _RanInRanks("ran in ranks")
+        finally:
+            self.guard.leave_phase()
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item):
+        self.guard.enter_phase()
+        try:
+            if item.stash.get(_ROUTED, None) is None:
+                return (yield)
+            raise _RanInRanks("ran in ranks")
+        finally:
+            self.guard.leave_phase()
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None):
+        self.guard.enter_phase()
+        try:
+            routed = item.stash.get(_ROUTED, None)
+            if routed is None:
+                return (yield)
+            if routed.verdict is not None:
+                announce(item, routed.verdict.findings)
+            # Nothing of this test was set up here, so the other plugins' teardowns (which
+            # expect their setup to have run) are skipped; the controller's own fixtures of
+            # earlier tests are torn down as pytest would, for the next test.
+            compat.setup_state(item.session).teardown_exact(nextitem)
+            raise _RanInRanks("ran in ranks")
+        finally:
+            self.guard.leave_phase()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        excinfo = call.excinfo
+        if excinfo is not None and isinstance(excinfo.value, Interrupted):
+            return self._interrupted_here(item, call, excinfo.value)
+        routed = item.stash.get(_ROUTED, None)
+        if routed is None:
+            return None
+        if excinfo is not None and not isinstance(excinfo.value, _RanInRanks):
+            return None  # the controller's own failure (its teardown of earlier tests): pytest reports it
+        if routed.verdict is None:
+            return placeholder(item, call.when)  # the setup already failed here; nothing else ran
+        report = routed.verdict.reports.get(call.when)
+        if report is None:
+            headline = f"the ranks sent no {call.when} report"
+            return engine_error(item, headline, []).reports["setup"]
+        return report
+
+    def _interrupted_here(self, item: pytest.Item, call: pytest.CallInfo, exc: Interrupted) -> pytest.TestReport:
+        """A test running in the controller when SIGTERM/SIGINT came: reported, then the session stops."""
+        item.session.shouldstop = str(exc)
+        report = pytest.TestReport.from_item_and_call(item, call)
+        headline = f"{exc} after {call.duration:.1f} s"
+        path, lineno, _ = item.location
+        report.longrepr = compat.text_longrepr(
+            str(item.path), (lineno or 0) + 1, headline, [f"{path}:{(lineno or 0) + 1}: {headline}"]
+        )
+        return report
+
+    # -- pytest-timeout: the ranks keep the time ----------------------------------------------
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_timeout_set_timer(self, item: pytest.Item, settings) -> bool | None:
+        routed = item.stash.get(_ROUTED, None)
+        if routed is None:
+            return None
+        routed.pytest_timeout = settings.timeout
+        return True
+
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_timeout_cancel_timer(self, item: pytest.Item) -> bool | None:
+        return True if item.stash.get(_ROUTED, None) is not None else None
+
+    # -- running one test ------------------------------------------------------------------------
+    def _run_in_ranks(self, item: pytest.Item, routed: _Routed) -> None:
+        plan = plan_of(item)
+        key = plan.pool_key
+        assert key is not None
+        deadline = plan.deadline
+        if routed.pytest_timeout:
+            deadline = min(deadline, routed.pytest_timeout + PYTEST_TIMEOUT_MARGIN)
+        leased, gpus = gpus_to_lease(key)
+        try:
+            with lease(leased, timeout=max(START_DEADLINE_FLOOR, deadline) * 2):
+                pool, started = self._pool(key, deadline, gpus)
+                request = self._request(item, routed.nextitem, plan.seed)
+                routed.verdict = self._attempt(item, request, pool, deadline, started)
+        except LeaseTimeout as exc:
+            routed.verdict = engine_error(item, str(exc), [])
+        except RankStartError as exc:
+            headline = f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]})"
+            routed.verdict = engine_error(item, headline, str(exc).splitlines())
+        verdict = routed.verdict
+        if verdict is not None and (not verdict.reusable or plan.fresh):
+            why = "fresh ranks asked for" if verdict.reusable else "ranks not reusable"
+            self.discard(key, why, graceful=verdict.reusable or verdict.can_retire)
+
+    def _attempt(self, item: pytest.Item, request: RunTest, pool: RankPool, deadline: float, started) -> Verdict:
+        attempt = Attempt(pool, request, deadline, self._deserialize)
+        try:
+            record = attempt.run()
+        except Interrupted as exc:
+            item.session.shouldstop = str(exc)
+            record = attempt.interrupted(exc.signal_name)  # output first: the kill removes the logs
+            self.discard(pool.key, str(exc))
+        except BaseException:
+            self.discard(pool.key, "the controller was interrupted while waiting")
+            raise
+        context = Context(
+            deadline=deadline,
+            strict_isolation=self.settings.strict_isolation,
+            pool_start=started,
+            pool_start_detail=self._start_detail(pool) if started is not None else "",
+        )
+        return fold(item, record, context)
+
+    @staticmethod
+    def _start_detail(pool: RankPool) -> str:
+        ready = [r.ready for r in pool.ranks if r.ready is not None]
+        if not ready:
+            return ""
+        worst = {part: max(r.seconds.get(part, 0.0) for r in ready) for part in ("torch", "process_group", "pytest")}
+        return (
+            f"import torch {worst['torch']:.2f} s, process group {worst['process_group']:.2f} s, "
+            f"pytest session {worst['pytest']:.2f} s"
+        )
+
+    def _request(self, item: pytest.Item, nextitem, seed: int) -> RunTest:
+        return RunTest(
+            seq=next(self._seq),
+            nodeid=item.nodeid,
+            path=str(item.path),
+            names=names_below_file(item),
+            seed=seed,
+            next_path=str(nextitem.path) if nextitem is not None else None,
+            next_names=names_below_file(nextitem) if nextitem is not None else (),
+        )
+
+    def _deserialize(self, data: dict):
+        return self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+
+    # -- pools -----------------------------------------------------------------------------------
+    def _pool(self, key: tuple, deadline: float, gpus: str | None) -> tuple[RankPool, float | None]:
+        """A live pool for this key, and its start-up time when this test started it."""
+        pool = self.pools.get(key)
+        if pool is not None and pool.alive and pool.pg_timeout >= deadline + 60.0 and pool.cuda_visible_devices == gpus:
+            return pool, None
+        if pool is not None:
+            self.discard(key, "dead, or its process-group timeout is too short for this test")
+        pool = RankPool(key, self.template(deadline), str(compat.basetemp(self.config)), gpus, self.settings.rank_logs)
+        try:
+            pool.spawn()
+            seconds = pool.wait_ready(max(START_DEADLINE_FLOOR, deadline))
+        except BaseException:
+            pool.kill()  # never leave half-started ranks or their directory behind
+            raise
+        log.debug("started pool %s in %.2f s (pids %s)", pool.name, seconds, [r.pid for r in pool.ranks])
+        self.pools[key] = pool
+        return pool, seconds
+
+    def template(self, deadline: float) -> RankSpec:
+        """What every rank starts with; rank, paths and world are filled in by the pool."""
+        if self._template is None:
+            self._template = RankSpec(
+                identity=RankIdentity(0, 1, None, "cpu"),
+                store_path="",
+                log_path="",
+                stack_path="",
+                phase_path="",
+                pg_timeout=0.0,
+                invocation_dir=str(self.config.invocation_params.dir),
+                pytest_args=rank_arguments(self.config),
+                shared_dir="",
+                cpu_threads=1,
+                settings=self.settings,
+                # torch.__version__ is a TorchVersion: as a plain str the rank can unpickle
+                # its spec before importing torch (and time that import on its own).
+                inventory=replace(self.inventory, torch=str(self.inventory.torch)),
+            )
+        return replace(self._template, pg_timeout=deadline + 60.0)

@@ -1,200 +1,245 @@
-"""The controller's handle on one set of rank processes.
+"""The controller's handle on one set of rank processes: start, send, receive, stop.
 
-Ranks are spawned (never forked: the controller may have imported torch, and CUDA does not
-survive fork) and rendezvous through a FileStore in a private directory, so no port is
-ever raced for. Waiting uses the process sentinels together with the pipes, so a rank that
-dies is noticed at once, not at the deadline.
+Ranks are never forked from the controller (it may have imported torch, and CUDA does not
+survive fork). They are forked from multiprocessing's fork server, a clean process started
+at the beginning of the session that imports torch and pytest once and never touches CUDA:
+a new rank then costs a fork, not an interpreter start and a torch import, so replacing
+ranks after a failure is cheap, and the server's imports overlap the controller's
+collection. Where there is no fork server, ranks are spawned. A rank takes the controller's
+environment, ``sys.path`` and working directory as they are when the pool starts (its
+spec), not the server's. Ranks rendezvous through a FileStore in a private directory, so
+no port is ever raced for. Receiving waits on the pipes together with the process sentinels, so a rank
+that dies is noticed at once, not at a deadline. Stopping a rank kills everything below it
+too: its process group and every descendant /proc shows (a test's ``sleep 1000`` included).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
+import multiprocessing.forkserver as forkserver
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 from typing import Any
 
-from .rank.messages import RankReport, Ready, RunTest, StartupFailed
-from .rank.process import RankSpec, main
+from ..node import nccl
+from . import logs
+from .rank import processes
+from .rank.environment import RankIdentity
+from .rank.messages import CLOSE, Ready, RunTest, StartupFailed
+from .rank.process import main
+from .rank.session import read_phase
+from .rank.spec import RankSpec
 
 log = logging.getLogger(__name__)
 
 STACK_WAIT_SECONDS = 2.0  # how long a SIGUSR1 stack dump may take to appear
+_SERIAL = itertools.count(1)
+# What the fork server imports once for every rank it will fork (no CUDA initialisation).
+PRELOAD = [
+    "pytest_gpuconform.engine.rank.server_guard",  # first: the server dies with the controller
+    "torch",
+    "torch.distributed",
+    "pytest",
+    "pytest_gpuconform.engine.rank.session",
+]
 
 
-@dataclass
-class RankState:
-    rank: int
-    process: Any  # a spawn-context Process
-    conn: Any  # multiprocessing.connection.Connection
-    log_path: str
-    stack_path: str
-    log_offset: int = 0
-    report: RankReport | None = None
-    exitcode: int | None = None
-    stack: str = ""
+def _context():
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        return context
+    return multiprocessing.get_context("spawn")
 
 
-@dataclass
-class PoolResult:
-    """What happened to one test in this pool, before it is judged (see verdict.py)."""
-
-    reports: dict[int, RankReport] = field(default_factory=dict)
-    exitcodes: dict[int, int | None] = field(default_factory=dict)  # ranks that died
-    running: list[int] = field(default_factory=list)  # ranks still busy when we stopped waiting
-    stacks: dict[int, str] = field(default_factory=dict)
-    output: dict[int, str] = field(default_factory=dict)
-    timed_out: bool = False
+def prestart() -> None:
+    """Start the fork server now, so that its imports overlap the controller's collection."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        _context()
+        forkserver.ensure_running()
 
 
 class RankStartError(RuntimeError):
     pass
 
 
+@dataclass
+class RankHandle:
+    rank: int
+    process: Any  # a spawn-context Process
+    conn: Any  # multiprocessing.connection.Connection
+    log_path: str
+    stack_path: str
+    ready: Ready | None = None
+    nccl_log: str | None = None  # the file NCCL_DEBUG writes for this rank (NCCL pools)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+DIED = object()  # what poll() yields for a rank whose process ended
+
+
 class RankPool:
     def __init__(
         self,
-        world_size: int,
-        backend: str | None,
-        device_kind: str,
-        pg_timeout: float,
+        key: tuple[int, str | None, str],
+        template: RankSpec,
+        tmp_base: str,
         cuda_visible_devices: str | None = None,
+        log_dir: str | None = None,
     ) -> None:
-        self.world_size = world_size
+        self.key = key
+        self.world_size, self.backend, self.device_kind = key
+        self.pg_timeout = template.pg_timeout
         self.cuda_visible_devices = cuda_visible_devices  # set for the ranks only (leased GPUs)
-        self.backend = backend
-        self.device_kind = device_kind
-        self.pg_timeout = pg_timeout
-        self.workdir = tempfile.mkdtemp(prefix=f"gpuconform-ws{world_size}-")
-        self.ranks: list[RankState] = []
+        self.name = f"ws{self.world_size}-{self.backend or 'worker'}-{self.device_kind}-{next(_SERIAL)}"
+        self.workdir = tempfile.mkdtemp(prefix=f"gpuconform-ws{self.world_size}-")
+        self.log_dir = log_dir or self.workdir
+        self.tmp_dir = os.path.join(tmp_base, self.name)  # tmp_path bases, kept like pytest's own
+        self.template = template
+        self.ranks: list[RankHandle] = []
+        self.start_seconds = 0.0
+        self._spawned_at = 0.0
 
     @property
     def alive(self) -> bool:
         return bool(self.ranks) and all(r.process.is_alive() for r in self.ranks)
 
-    # -- start ----------------------------------------------------------------------------
-    def start(self, deadline_seconds: float) -> float:
-        """Spawn the ranks and wait until every one has joined the process group."""
-        context = multiprocessing.get_context("spawn")
-        started = time.perf_counter()
-        store_path = os.path.join(self.workdir, "store")
+    # -- start ---------------------------------------------------------------------------------
+    def spawn(self) -> None:
+        """Start the rank processes; ``wait_ready`` waits for them to join."""
+        context = _context()
+        self._spawned_at = time.perf_counter()
+        shared = os.path.join(self.tmp_dir, "shared")
+        os.makedirs(shared, exist_ok=True)
+        cache = os.path.join(self.workdir, "rank-cache")
+        environ = dict(os.environ)
+        if self.cuda_visible_devices is not None:
+            environ["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
         for rank in range(self.world_size):
             parent, child = context.Pipe(duplex=True)
-            spec = RankSpec(
-                rank=rank,
-                world_size=self.world_size,
-                backend=self.backend,
-                device_kind=self.device_kind,
-                store_path=store_path,
-                log_path=os.path.join(self.workdir, f"rank{rank}.log"),
-                stack_path=os.path.join(self.workdir, f"rank{rank}.stack"),
-                pg_timeout=self.pg_timeout,
+            rank_environ = dict(environ)
+            if self.device_kind == "cuda":
+                # NCCL's async error handling, its own log per rank, deterministic cuBLAS:
+                # read by NCCL and cuBLAS at initialisation, so set before the rank starts.
+                rank_environ.update(nccl.rank_environment(rank, self.log_dir, environ))
+            spec = replace(
+                self.template,
+                identity=RankIdentity(rank, self.world_size, self.backend, self.device_kind),
+                store_path=os.path.join(self.workdir, "store"),
+                log_path=os.path.join(self.log_dir, f"{self.name}-rank{rank}.log"),
+                stack_path=os.path.join(self.log_dir, f"{self.name}-rank{rank}.stack"),
+                phase_path=os.path.join(self.workdir, f"rank{rank}.phase"),
+                shared_dir=shared,
+                cpu_threads=max(1, (os.cpu_count() or 1) // self.world_size),  # the ranks share the cores
+                environ=rank_environ,
                 sys_path=tuple(sys.path),
+                pytest_args=(
+                    *self.template.pytest_args,
+                    f"--basetemp={os.path.join(self.tmp_dir, f'rank{rank}')}",
+                    "-o",
+                    f"cache_dir={cache}",  # a rank never writes the controller's cache
+                ),
             )
-            process = context.Process(target=main, args=(spec, child), name=f"gpuconform-rank{rank}", daemon=True)
-            with _environ(CUDA_VISIBLE_DEVICES=self.cuda_visible_devices):  # spawn copies os.environ
-                process.start()
+            # Not a daemon: a daemonic process may not start children (DataLoader workers).
+            process = context.Process(target=main, args=(spec, child), name=f"gpuconform-rank{rank}")
+            process.start()
             child.close()
-            self.ranks.append(RankState(rank, process, parent, spec.log_path, spec.stack_path))
-        waiting: dict[Any, RankState] = {r.conn: r for r in self.ranks}
-        sentinels = {r.process.sentinel: r for r in self.ranks}
+            handle = RankHandle(rank, process, parent, spec.log_path, spec.stack_path)
+            if self.backend == "nccl" and rank_environ.get("NCCL_DEBUG"):
+                handle.nccl_log = nccl.debug_file(rank_environ, process.pid)
+            self.ranks.append(handle)
+
+    def wait_ready(self, deadline_seconds: float) -> float:
+        """Wait until every rank has joined the process group and started its pytest session."""
+        waiting: dict[Any, RankHandle] = {r.conn: r for r in self.ranks}
+        sentinels: dict[Any, RankHandle] = {r.process.sentinel: r for r in self.ranks}
         while waiting:
-            left = deadline_seconds - (time.perf_counter() - started)
-            ready = wait(list(waiting) + list(sentinels), timeout=max(0.0, left))
+            left = deadline_seconds - (time.perf_counter() - self._spawned_at)
+            ready: list[Any] = wait(list(waiting) + list(sentinels), timeout=max(0.0, left))
             if not ready:
-                self.kill()
                 raise RankStartError(
-                    f"ranks did not join the process group within {deadline_seconds:.0f} s "
+                    f"ranks did not start within {deadline_seconds:.0f} s "
                     f"(still waiting: {sorted(r.rank for r in waiting.values())})"
                 )
-            for item in ready:
-                if item in sentinels and item not in waiting:
-                    state = sentinels.pop(item)
-                    if state.conn in waiting:
-                        state.process.join(0.5)
-                        self.kill()
-                        raise RankStartError(
-                            f"rank {state.rank} died during start-up "
-                            f"({describe_exit(state.process.exitcode)}):\n{self._log(state)}"
-                        )
+            for handle in ready:
+                state = sentinels.get(handle) or waiting.get(handle)
+                if state is None:
                     continue
-                state = waiting.pop(item)
-                try:
-                    message = state.conn.recv()
-                except (EOFError, OSError):
-                    state.process.join(1.0)
-                    self.kill()
-                    raise RankStartError(
-                        f"rank {state.rank} died during start-up "
-                        f"({describe_exit(state.process.exitcode)}):\n{self._log(state)}"
-                    ) from None
-                if isinstance(message, StartupFailed):
-                    self.kill()
-                    raise RankStartError(f"rank {message.rank} failed to start:\n{message.traceback}")
-                assert isinstance(message, Ready)
-        return time.perf_counter() - started
-
-    # -- run ----------------------------------------------------------------------------
-    def run(self, request: RunTest, timeout: float, grace: float = 3.0) -> PoolResult:
-        """Send one test to every rank and wait for all of them, a death, or the deadline.
-
-        After the first failure or death, the others get ``grace`` seconds to finish (a
-        peer blocked in a collective never will); whoever is still running then is
-        reported as such, with its stack.
-        """
-        result = PoolResult()
-        for state in self.ranks:
-            state.report, state.exitcode, state.stack = None, None, ""
-            state.log_offset = _size(state.log_path)
-            state.conn.send(request)
-        started = time.perf_counter()
-        deadline = started + timeout
-        pending: dict[Any, RankState] = {s.conn: s for s in self.ranks}
-        sentinels: dict[Any, RankState] = {s.process.sentinel: s for s in self.ranks}
-        while pending:
-            now = time.perf_counter()
-            if now >= deadline:
-                result.timed_out = not (result.exitcodes or _any_failed(result))
-                break
-            ready = wait(
-                list(pending) + [s for s, st in sentinels.items() if st.conn in pending], timeout=deadline - now
-            )
-            for item in ready:
-                found = sentinels.get(item) or pending.get(item)
-                if found is None or found.conn not in pending:
+                if handle in sentinels and state.conn not in waiting:
+                    sentinels.pop(handle)
                     continue
-                state = found
-                answered = item is state.conn  # else its process sentinel fired: it died
-                if answered:
+                message = None
+                if handle is state.conn:
                     try:
-                        state.report = state.conn.recv()
+                        message = state.conn.recv()
                     except (EOFError, OSError):
-                        state.process.join(1.0)
-                        state.exitcode = state.process.exitcode
-                else:
+                        message = None
+                if message is None:
                     state.process.join(1.0)
-                    state.exitcode = state.process.exitcode
-                pending.pop(state.conn)
-                if state.report is not None:
-                    result.reports[state.rank] = state.report
-                else:
-                    result.exitcodes[state.rank] = state.exitcode
-                if (state.report is None or state.report.outcome != "passed") and pending:
-                    # A failure, death or skip: peers waiting for this rank in a collective never return.
-                    deadline = min(deadline, time.perf_counter() + grace)
-        result.running = sorted(s.rank for s in pending.values())
-        if result.running:
-            result.stacks = self.dump_stacks(result.running)
-        for state in self.ranks:
-            result.output[state.rank] = self._log(state)
-        return result
+                    raise RankStartError(
+                        f"rank {state.rank} died during start-up ({describe_exit(state.process.exitcode)}):\n"
+                        f"{logs.last_lines(logs.read_span(state.log_path, 0), 40)}"
+                    )
+                if isinstance(message, StartupFailed):
+                    raise RankStartError(
+                        f"rank {message.rank} failed to start:\n{message.text}\n"
+                        f"{logs.last_lines(logs.read_span(state.log_path, 0), 40)}"
+                    )
+                assert isinstance(message, Ready), message
+                state.ready = message
+                waiting.pop(state.conn)
+        self.start_seconds = time.perf_counter() - self._spawned_at
+        return self.start_seconds
+
+    # -- one test ------------------------------------------------------------------------------
+    def nccl_logs(self) -> dict[int, str]:
+        """rank -> the NCCL log file it writes (empty for gloo pools and NCCL_DEBUG unset)."""
+        return {r.rank: r.nccl_log for r in self.ranks if r.nccl_log}
+
+    def send(self, request: RunTest) -> dict[int, int]:
+        """Send the test to every rank; returns each rank's log size before it (for crashes)."""
+        offsets = {r.rank: logs.size(r.log_path) for r in self.ranks}
+        for handle in self.ranks:
+            handle.conn.send(request)
+        return offsets
+
+    def poll(self, ranks: set[int], timeout: float) -> list[tuple[int, Any]]:
+        """Messages (or DIED) from the listed ranks, waiting at most ``timeout`` seconds."""
+        conns = {r.conn: r for r in self.ranks if r.rank in ranks}
+        sentinels = {r.process.sentinel: r for r in self.ranks if r.rank in ranks}
+        found: list[tuple[int, Any]] = []
+        ready: list[Any] = wait(list(conns) + list(sentinels), timeout=max(0.0, timeout))
+        for handle in ready:
+            state = conns.get(handle)
+            if state is not None:
+                try:
+                    while True:
+                        found.append((state.rank, state.conn.recv()))
+                        if not state.conn.poll():
+                            break
+                except (EOFError, OSError):
+                    found.append((state.rank, DIED))
+            else:
+                state = sentinels[handle]
+                if not state.conn.poll():  # its last words, if any, come first
+                    found.append((state.rank, DIED))
+        return found
+
+    def exitcode(self, rank: int) -> int | None:
+        process = self.ranks[rank].process
+        process.join(1.0)
+        return process.exitcode
 
     def dump_stacks(self, ranks: list[int]) -> dict[int, str]:
         """Every listed rank's Python stack, via faulthandler on SIGUSR1 (works mid-collective).
@@ -203,72 +248,87 @@ class RankPool:
         rank's stack file has grown and then stopped growing.
         """
         offsets = {}
-        for state in self.ranks:
-            if state.rank in ranks and state.process.is_alive():
-                offsets[state.rank] = _size(state.stack_path)
-                os.kill(state.process.pid, signal.SIGUSR1)
+        for handle in self.ranks:
+            if handle.rank in ranks and handle.process.is_alive():
+                offsets[handle.rank] = logs.size(handle.stack_path)
+                os.kill(handle.pid, signal.SIGUSR1)
         stacks: dict[int, str] = {}
-        last_size = dict(offsets)
+        last = dict(offsets)
         stop = time.perf_counter() + STACK_WAIT_SECONDS
         while offsets and time.perf_counter() < stop:
-            time.sleep(0.1)
+            time.sleep(0.05)
             for rank, offset in list(offsets.items()):
-                size = _size(self.ranks[rank].stack_path)
-                if size > offset and size == last_size[rank]:
-                    stacks[rank] = _read_from(self.ranks[rank].stack_path, offset)
+                now = logs.size(self.ranks[rank].stack_path)
+                if now > offset and now == last[rank]:
+                    stacks[rank] = logs.read_span(self.ranks[rank].stack_path, offset)
                     offsets.pop(rank)
-                last_size[rank] = size
+                last[rank] = now
         for rank, offset in offsets.items():
-            stack = _read_from(self.ranks[rank].stack_path, offset)
+            stack = logs.read_span(self.ranks[rank].stack_path, offset)
             stacks[rank] = stack or "(no stack: the rank did not answer SIGUSR1)"
         return stacks
 
-    def _log(self, state: RankState) -> str:
-        return _read_from(state.log_path, state.log_offset)
+    def phase(self, rank: int) -> str:
+        """Where the rank says it is: setup, call, teardown or done (empty: not begun)."""
+        return read_phase(os.path.join(self.workdir, f"rank{rank}.phase"))
 
-    # -- stop ---------------------------------------------------------------------------
-    def close(self, timeout: float = 10.0) -> None:
-        """Ask healthy ranks to leave the process group and exit; kill whoever does not."""
-        for state in self.ranks:
+    def output(self, rank: int, start: int, end: int | None = None) -> str:
+        return logs.read_span(self.ranks[rank].log_path, start, end)
+
+    # -- stop ----------------------------------------------------------------------------------
+    def retire(self) -> None:
+        """Ask the ranks to leave without waiting for them: they tear down their session
+        (session-scoped fixtures, coverage data) while the run goes on; ``close`` or
+        ``kill`` finishes the job."""
+        for handle in self.ranks:
             try:
-                state.conn.send(None)
+                handle.conn.send(CLOSE)
+            except (BrokenPipeError, OSError):
+                pass
+
+    @property
+    def exited(self) -> bool:
+        return all(not handle.process.is_alive() for handle in self.ranks)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the ranks to tear down their session and leave; kill whoever does not."""
+        for handle in self.ranks:
+            try:
+                handle.conn.send(CLOSE)
             except (BrokenPipeError, OSError):
                 pass
         stop = time.perf_counter() + timeout
-        for state in self.ranks:
-            state.process.join(max(0.0, stop - time.perf_counter()))
+        for handle in self.ranks:
+            handle.process.join(max(0.0, stop - time.perf_counter()))
         self.kill()
 
     def kill(self) -> None:
-        """SIGKILL: a rank blocked in a collective ignores SIGTERM."""
-        alive = [state.process.pid for state in self.ranks if state.process.is_alive()]
+        """SIGKILL every rank and everything below it (a rank blocked in a collective
+        ignores SIGTERM), then remove the pool's directory."""
+        alive = [h.pid for h in self.ranks if h.process.is_alive()]
         if alive:
-            log.debug("killing ranks of ws%d %s: pids %s", self.world_size, self.backend or "no process group", alive)
-        for state in self.ranks:
-            if state.process.is_alive():
-                state.process.kill()
-        for state in self.ranks:
-            state.process.join(5.0)
+            log.debug("killing ranks of %s: pids %s", self.name, alive)
+        for handle in self.ranks:
+            if handle.pid is None:
+                continue
+            below = processes.descendants(handle.pid)
             try:
-                state.conn.close()
+                os.killpg(handle.pid, signal.SIGKILL)  # the rank's own process group
+            except OSError:
+                pass
+            for pid in [handle.pid, *below]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        for handle in self.ranks:
+            handle.process.join(5.0)
+            try:
+                handle.conn.close()
             except OSError:
                 pass
         self.ranks = []
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-@contextmanager
-def _environ(**values):
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update({name: value for name, value in values.items() if value is not None})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def describe_exit(code: int | None) -> str:
@@ -281,24 +341,3 @@ def describe_exit(code: int | None) -> str:
             name = f"signal {-code}"
         return f"killed by {name} (signal {-code})"
     return f"exited with code {code}"
-
-
-def _any_failed(result: PoolResult) -> bool:
-    return any(r.outcome == "failed" for r in result.reports.values())
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def _read_from(path: str, offset: int, limit: int = 200_000) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(limit)
-    except OSError:
-        return ""
-    return data.decode("utf-8", errors="replace")

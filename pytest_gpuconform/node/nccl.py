@@ -84,15 +84,20 @@ def watchdog_timeout(deadline_seconds: float, controller: bool = True) -> timede
 def process_group_kwargs(backend: str, deadline_seconds: float, device=None, controller: bool = True) -> dict:
     """Keyword arguments for ``torch.distributed.init_process_group`` (besides the store,
     rank and world size)."""
+    return {"timeout": watchdog_timeout(deadline_seconds, controller), **group_options(backend, device)}
+
+
+def group_options(backend: str, device=None) -> dict:
+    """``init_process_group`` options besides the timeout: ``device_id`` for NCCL (see the
+    module docstring); nothing for gloo."""
     import inspect
 
     import torch.distributed as dist
 
-    kwargs: dict = {"timeout": watchdog_timeout(deadline_seconds, controller)}
     if backend == "nccl" and device is not None:
         if "device_id" in inspect.signature(dist.init_process_group).parameters:  # torch >= 2.3
-            kwargs["device_id"] = device
-    return kwargs
+            return {"device_id": device}
+    return {}
 
 
 def log_size(path: str | os.PathLike) -> int:

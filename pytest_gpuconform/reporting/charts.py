@@ -10,6 +10,10 @@ Which numbers are charted follows measures.py's naming rule:
 * other bounded properties (``X`` with ``X_bound`` / ``X_min`` ...): measured value against
   bound per dtype, on a log scale (errors span many decades), one dot per node. Exact zeros
   (bitwise-equal results) sit on the left edge as hollow dots; NaN and inf on the right edge.
+
+Those two draw one shape per node and serve fleets of up to 32 nodes (html.py). For any
+fleet, ``histogram`` draws one number across all nodes (and GPUs) as ~30 bins with its
+bound, so its size does not grow with the fleet.
 """
 
 from __future__ import annotations
@@ -256,4 +260,86 @@ def _bound_chart(dtype: str, points: list[Point]) -> Chart:
         chart.shapes.append(_text(x_of(10.0**decade), y + 13, f"1e{decade}", anchor="middle"))
     chart.height = int(y + 18)
     chart.width = int(left + PLOT_WIDTH + _label_width([p.measure.describe() for p in points]))
+    return chart
+
+
+HIST_WIDTH = 360
+HIST_HEIGHT = 64
+HIST_BINS = 30
+
+
+def histogram(
+    chart_id: str, values: list[float], bounds: list[float], bad: list[float], higher_is_better: bool
+) -> Chart | None:
+    """A small histogram of one measured number across the fleet: bars of how many nodes
+    (or GPUs) measured each value, red where the bin holds a value past its bound, the
+    bound(s) as black ticks. Log-scaled when positive values span more than two decades
+    (errors), linear otherwise (throughputs, ratios)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    edges = finite + [b for b in bounds if math.isfinite(b)]
+    low, high = min(edges), max(edges)
+    log = low > 0 and high / low > 100
+    if log:
+        low, high = math.log10(low), math.log10(high)
+    if high == low:
+        low, high = low - 0.5, high + 0.5
+    span = high - low
+
+    def position(value: float) -> float:
+        value = math.log10(value) if log else value
+        return min(max((value - low) / span, 0.0), 1.0)
+
+    counts = [0] * HIST_BINS
+    red = [False] * HIST_BINS
+    bad_set = set(bad)
+    for value in finite:
+        index = min(int(position(value) * HIST_BINS), HIST_BINS - 1)
+        counts[index] += 1
+        red[index] = red[index] or value in bad_set
+    chart = Chart(chart_id, "", "", HIST_WIDTH + 8, HIST_HEIGHT + 16)
+    tallest = max(counts)
+    width = HIST_WIDTH / HIST_BINS
+    for index, count in enumerate(counts):
+        if not count:
+            continue
+        # a bin past its bound stays visible beside a tall majority, however few it holds
+        height = max(HIST_HEIGHT * count / tallest, 8.0 if red[index] else 2.0)
+        chart.shapes.append(
+            Shape(
+                "rect",
+                {
+                    "x": f"{4 + index * width:.1f}",
+                    "y": f"{HIST_HEIGHT - height:.1f}",
+                    "width": f"{width - 1:.1f}",
+                    "height": f"{height:.1f}",
+                    "fill": FAIL_COLOUR if red[index] else PLAIN_COLOUR,
+                    "class": "bin",
+                    "data-count": str(count),
+                },
+                title=f"{count} value(s)",
+            )
+        )
+    for bound in bounds:
+        x = 4 + HIST_WIDTH * position(bound)
+        chart.shapes.append(
+            Shape(
+                "line",
+                {
+                    "x1": f"{x:.1f}",
+                    "x2": f"{x:.1f}",
+                    "y1": "0",
+                    "y2": f"{HIST_HEIGHT}",
+                    "stroke": "#000",
+                    "stroke-width": "2",
+                    "class": "bound",
+                },
+                title=f"bound {number(bound)}",
+            )
+        )
+    axis = f"{'log scale, ' if log else ''}{'higher' if higher_is_better else 'lower'} is better"
+    chart.shapes.append(_text(4, HIST_HEIGHT + 13, number(10**low if log else low)))
+    chart.shapes.append(_text(4 + HIST_WIDTH / 2, HIST_HEIGHT + 13, axis, anchor="middle"))
+    chart.shapes.append(_text(4 + HIST_WIDTH, HIST_HEIGHT + 13, number(10**high if log else high), anchor="end"))
     return chart

@@ -1,234 +1,212 @@
-"""``gpuconform report``: one self-contained HTML page from JUnit reports.
+"""``gpuconform report``: one self-contained HTML page for one node or a thousand.
 
-What a person acceptance-testing a cluster needs on one page: which check failed on which
-node (a node x check matrix), why (each failure's one-line reason), what each node runs
-(GPU model, driver, CUDA, torch, NCCL from the suite properties the plugin writes), and
-how close the measured numbers are to their bounds (charts, see charts.py).
+What an operator acceptance-testing a fleet needs, in the order they need it:
 
-The inputs go through the same reader as ``gpuconform merge`` (so raw per-node files and a
-merged file both work, and a bad file is the same clear error). The page has no scripts
-and loads nothing from the network: a report copied off an air-gapped cluster still opens.
-jinja2 with autoescaping writes it, since test names and failure messages are arbitrary text.
+1. the verdict: nodes passed / failed / not verified, and what was verified, in one line
+   per kind of node ("960 × 8 × H100 80GB HBM3 verified: 389 checks");
+2. failures grouped by root cause and by check, with the hosts that share each (a
+   Slurm hostlist, pasteable into ``scontrol``);
+3. inventory outliers: every field where some nodes differ from the majority;
+4. measured numbers across nodes as distributions (throughputs with their floors first),
+   naming the nodes at the bad end;
+5. an area x node view, and a drill-down per node (its verdict, what differs from the
+   fleet, each result that is not the fleet's majority for that check);
+6. every check's fleet-wide counts (with 5., every result is on the page).
+
+Small fleets (up to ``MATRIX_NODES``) also get the check x node matrix, the full inventory
+table and per-node charts; above that a 400 x 1,000 matrix would be 30 MB that nobody reads.
+
+The page has no scripts and loads nothing from the network: a report copied off an
+air-gapped cluster still opens. jinja2 with autoescaping writes it, since test names and
+failure messages are arbitrary text. Inputs are read one suite at a time (fleet.py).
 """
 
 from __future__ import annotations
 
 import datetime
-import re
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from xml.etree import ElementTree
 
-from . import junit, merge
-from .charts import Chart, Point, bound_charts, ratio_chart
-from .measures import Measure, key_measures
+from . import insights, junit
+from .causes import cause_of
+from .charts import Chart, Point, bound_charts, histogram, ratio_chart
+from .fleet import ABSENT, OUTCOME, Fleet, FleetNode
+from .hostlist import shortened
+from .measures import number
+from .suites import check_inputs
 
-INVENTORY_PREFIX = "gpuconform."
-_SUITE_PREFIXES = ("pytest_gpuconform.conformance.", "conformance.")
-MAX_REASON = 300
-OUTCOME_TEXT = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip"}
-
-
-@dataclass
-class Cell:
-    outcome: str  # passed, failed, error, skipped
-    reason: str
-    measures: list[Measure]
+MATRIX_NODES = 32
+OUTCOME_TEXT = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "absent": "—"}
+EXCEPTION_CHECKS_SHOWN = 12
+FAILING_CHECKS_SHOWN = 25  # rows of "Failures by check" before the rest fold away
+FAILED_NODE_LINES = 5  # failed nodes whose verdict line the summary shows one by one
+WORST_SHOWN = 5
 
 
 @dataclass
-class Check:
-    key: tuple[str, str]  # (classname without the node label, test name)
-    area: str
-    display: str
-    dtype: str
+class DrillDown:
+    result: insights.NodeResult
+    facts: str
+    differs: list[tuple[str, str, str]]  # (field, this node's value, the majority's)
+    groups: list[tuple[str, str, int, list[str]]]  # (outcome, reason, count, checks)
+    areas: dict[str, dict[str, int]]
 
 
 @dataclass
-class Node:
-    label: str  # the host
-    inventory: dict[str, str]
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOME_TEXT, 0))
-    ranks: set[str] = field(default_factory=set)
-
-    def rank_text(self) -> str:
-        if not self.ranks:
-            return "—"
-        ranks = sorted(self.ranks, key=_natural_key)
-        return f"{len(ranks)}: r{ranks[0]}" + (f"–r{ranks[-1]}" if len(ranks) > 1 else "")
-
-    def gpus(self) -> str:
-        names = [
-            value for key, value in sorted(self.inventory.items(), key=_natural) if re.fullmatch(r"gpu\d+_name", key)
-        ]
-        if not names:
-            return "none" if self.inventory.get("gpu_count", "0") == "0" else "unknown"
-        groups: dict[str, int] = {}
-        for name in names:
-            groups[name] = groups.get(name, 0) + 1
-        return ", ".join(f"{count} × {name}" for name, count in groups.items())
-
-    def fact(self, name: str) -> str:
-        value = self.inventory.get(name)
-        return value if value and value != "none" else "—"
+class DistributionView:
+    distribution: insights.Distribution
+    chart: Chart | None
+    stats: dict[str, str]
+    worst: list[insights.Sample]
+    past: list[insights.Sample]
+    slow: list[insights.Sample]
 
 
-@dataclass
-class ReportModel:
-    inputs: list[str]
-    nodes: list[Node]
-    checks: list[Check]
-    cells: dict[tuple[tuple[str, str], str], Cell]
+def _facts(node: FleetNode) -> str:
+    parts = [f"GPUs {node.gpus()}", f"driver {node.fact('driver')}", f"CUDA {node.fact('driver_cuda')}"]
+    parts += [f"torch {node.fact('torch')}", f"NCCL {node.fact('nccl')}"]
+    return ", ".join(parts)
 
-    def areas(self) -> list[tuple[str, list[Check]]]:
-        grouped: dict[str, list[Check]] = {}
-        for check in self.checks:
-            grouped.setdefault(check.area, []).append(check)
-        return list(grouped.items())
 
-    def totals(self) -> dict[str, int]:
-        totals = dict.fromkeys(OUTCOME_TEXT, 0)
-        for cell in self.cells.values():
-            totals[cell.outcome] += 1
-        return totals
+def _exception_groups(fleet: Fleet, node: FleetNode, rows) -> list[tuple[str, str, int, list[str]]]:
+    grouped: dict[tuple[str, str], list[str]] = {}
+    reasons: dict[tuple[str, str], str] = {}
+    for row, outcome, reason in insights.node_exceptions(fleet, node, rows):
+        key = (outcome, cause_of(reason, node.label) if reason else "")
+        grouped.setdefault(key, []).append(row.display)
+        reasons.setdefault(key, reason)
+    order = {"error": 0, "failed": 1, "skipped": 2, "absent": 3, "passed": 4}
+    return sorted(
+        ((outcome, reasons[(outcome, cause)], len(checks), checks) for (outcome, cause), checks in grouped.items()),
+        key=lambda g: (order[g[0]], -g[2]),
+    )
 
-    def problems(self) -> list[tuple[Node, Check, Cell]]:
-        """Every failed or errored cell, in matrix order."""
-        found = []
-        for check in self.checks:
-            for node in self.nodes:
-                cell = self.cells.get((check.key, node.label))
-                if cell and cell.outcome in ("failed", "error"):
-                    found.append((node, check, cell))
-        return found
 
-    def skip_reasons(self) -> list[tuple[str, int, list[str]]]:
-        reasons: dict[str, list[str]] = {}
-        for (_, label), cell in self.cells.items():
-            if cell.outcome == "skipped":
-                reasons.setdefault(cell.reason or "(no reason given)", []).append(label)
-        return sorted(
-            ((r, len(labels), sorted(set(labels), key=_natural_key)) for r, labels in reasons.items()),
-            key=lambda item: -item[1],
+def _drill_downs(fleet: Fleet, results, outliers) -> list[DrillDown]:
+    rows = insights.check_rows(fleet)
+    majority = {o.field: o.majority for o in outliers}
+    views = []
+    for result in results:
+        node = result.node
+        fields = insights.node_fields(node)
+        differs = [(name, fields.get(name, "(not reported)"), value) for name, value in majority.items()]
+        differs = [d for d in differs if d[1] != d[2]]
+        views.append(
+            DrillDown(
+                result, _facts(node), differs, _exception_groups(fleet, node, rows), insights.area_counts(fleet, node)
+            )
         )
-
-    def points(self) -> list[Point]:
-        """Every key measurement, in check order then node order (the charts' order)."""
-        points = []
-        for check in self.checks:
-            for node in self.nodes:
-                cell = self.cells.get((check.key, node.label))
-                for measure in cell.measures if cell else ():
-                    points.append(Point(check.display, node.label, check.dtype, measure))
-        return points
+    return views
 
 
-def _natural_key(text: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+def _distribution_views(fleet: Fleet) -> list[DistributionView]:
+    views = []
+    for index, distribution in enumerate(insights.distributions(fleet)):
+        if not distribution.varies:
+            continue
+        past = distribution.past_bound()
+        chart = histogram(
+            f"dist-{index}",
+            distribution.values,
+            distribution.bounds,
+            [s.value for s in past],
+            distribution.higher_is_better,
+        )
+        stats = {
+            name: (str(int(value)) if name == "n" else number(value)) for name, value in distribution.stats().items()
+        }
+        views.append(
+            DistributionView(distribution, chart, stats, distribution.worst(WORST_SHOWN), past, distribution.slow())
+        )
+    views.sort(key=lambda v: (not v.distribution.higher_is_better, not v.past, not v.slow, v.distribution.area))
+    return views
 
 
-def _natural(item: tuple[str, str]) -> list:
-    return _natural_key(item[0])
+def _constant_numbers(fleet: Fleet) -> list[tuple[insights.Distribution, str]]:
+    constant = []
+    for distribution in insights.distributions(fleet):
+        if not distribution.varies and distribution.values:
+            bounds = distribution.bounds
+            bound = f" (bound {', '.join(number(b) for b in bounds)})" if bounds else ""
+            constant.append((distribution, f"{number(distribution.values[0])}{bound}"))
+    return constant
 
 
-def _one_line(text: str | None) -> str:
-    for line in (text or "").splitlines():
-        if line.strip():
-            line = line.strip()
-            return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
-    return ""
-
-
-def _cell(case: ElementTree.Element) -> tuple[Cell, dict[str, str]]:
-    properties = [(p.get("name", ""), p.get("value", "")) for p in case.iterfind("properties/property")]
-    outcome, element = junit.case_outcome(case)
-    reason = "" if element is None else _one_line(element.get("message")) or _one_line(element.text)
-    return Cell(outcome, reason, key_measures(properties)), dict(properties)
-
-
-def _display(classname: str, name: str) -> str:
-    for prefix in _SUITE_PREFIXES:
-        classname = classname.removeprefix(prefix)
-    parts = classname.split(".")
-    module_at = max((i for i, part in enumerate(parts) if part.startswith("test_")), default=len(parts) - 1)
-    classes = parts[module_at + 1 :]
-    return "::".join(classes + [name])
-
-
-def _area(classname: str, properties: dict[str, str]) -> str:
-    if properties.get("feature"):
-        return properties["feature"]
-    module = classname.split(".")
-    modules = [part for part in module if part.startswith("test_")]
-    return (modules[-1] if modules else module[-1]).removeprefix("test_") or "tests"
-
-
-_SEVERITY = {"skipped": 0, "passed": 1, "failed": 2, "error": 3}
-
-
-def _fold(ranked: list[tuple[str | None, Cell]]) -> Cell:
-    """One node's cell from its ranks' cells: the worst outcome, naming its rank; the
-    measured numbers of the lowest rank (the one whose records the plugin reports)."""
-    if len(ranked) == 1:
-        return ranked[0][1]
-    ranked = sorted(ranked, key=lambda item: _natural_key(item[0] or ""))
-    rank, worst = max(ranked, key=lambda item: _SEVERITY[item[1].outcome])
-    reason = f"rank {rank}: {worst.reason}" if rank is not None and worst.reason else worst.reason
-    return Cell(worst.outcome, reason, ranked[0][1].measures)
-
-
-def build_model(paths: list[str]) -> ReportModel:
-    """Read ``paths`` (raw or merged JUnit files) into the page's model; BadReport if unusable.
-
-    Columns are hosts: the per-rank suites of a cluster run fold into their host's column,
-    each cell showing the worst outcome of that host's ranks and naming the rank.
-    """
-    root = merge.merge_reports(paths)
-    nodes: dict[str, Node] = {}
-    checks: dict[tuple[str, str], Check] = {}
-    ranked: dict[tuple[tuple[str, str], str], list[tuple[str | None, Cell]]] = {}
-    for suite in root.findall("testsuite"):
-        label = suite.get("name", "")
-        inventory = {}
-        for prop in suite.iterfind("properties/property"):
-            name = prop.get("name", "")
-            if name.startswith(INVENTORY_PREFIX):
-                inventory[name.removeprefix(INVENTORY_PREFIX)] = prop.get("value", "")
-        host = inventory.get("host") or label
-        rank = inventory.get("rank")
-        node = nodes.setdefault(host, Node(host, {}))
-        for name, value in inventory.items():
-            node.inventory.setdefault(name, value)
-        if rank is not None:
-            node.ranks.add(rank)
-        for case in suite.findall("testcase"):
-            classname = (case.get("classname") or "").removeprefix(label + ".")
-            if classname == label:
-                classname = ""
-            key = (classname, case.get("name", ""))
-            cell, properties = _cell(case)
-            if key not in checks:
-                checks[key] = Check(
-                    key, _area(classname, properties), _display(classname, key[1]), properties.get("dtype", "no dtype")
-                )
-            ranked.setdefault((key, host), []).append((rank, cell))
-    cells = {where: _fold(cells_of_ranks) for where, cells_of_ranks in ranked.items()}
-    for (_, host), cell in cells.items():
-        nodes[host].counts[cell.outcome] += 1
-    ordered_checks: list[Check] = []
-    for area in dict.fromkeys(check.area for check in checks.values()):
-        ordered_checks += [check for check in checks.values() if check.area == area]
-    ordered_nodes = sorted(nodes.values(), key=lambda n: _natural_key(n.label))
-    return ReportModel(list(paths), ordered_nodes, ordered_checks, cells)
-
-
-def charts(model: ReportModel) -> list[Chart]:
-    points = model.points()
+def _small_fleet_charts(fleet: Fleet) -> list[Chart]:
+    points = []
+    nodes = fleet.sorted_nodes()
+    for check in fleet.checks:
+        for node in nodes:
+            for measure in fleet.node_measures(node, check.index):
+                points.append(Point(check.display, node.label, check.dtype, measure))
     found = [ratio_chart(points)] + bound_charts(points)
     return [chart for chart in found if chart is not None]
 
 
-def render(model: ReportModel, title: str) -> str:
+class Page:
+    """Everything the template shows, computed once (the template only lays it out)."""
+
+    def __init__(self, fleet: Fleet, title: str) -> None:
+        self.fleet = fleet
+        self.title = title
+        self.results = insights.node_verdicts(fleet)
+        self.verdict = insights.fleet_verdict(self.results)
+        self.verified = insights.verified_lines(self.results)
+        self.causes = insights.failures_by_cause(fleet)
+        self.failing_checks = insights.failures_by_check(fleet)
+        self.outliers, self.varied = insights.inventory_outliers(fleet)
+        self.distributions = _distribution_views(fleet)
+        self.constant_numbers = _constant_numbers(fleet)
+        self.check_rows = insights.check_rows(fleet)
+        self.drill_downs = _drill_downs(fleet, self.results, self.outliers)
+        self.areas = list(dict.fromkeys(check.area for check in fleet.checks))
+        self.totals = fleet.totals()
+        self.small = len(fleet.nodes) <= MATRIX_NODES
+        self.charts = _small_fleet_charts(fleet) if self.small else []
+        self.nodes = fleet.sorted_nodes()
+        self.skip_reasons = self._skip_reasons()
+
+    def area_rows(self) -> list[DrillDown]:
+        """Nodes for the area x node view: failed first, then not verified, then passed."""
+        order = {"failed": 0, "nothing": 1, "cpu": 2, "passed": 3}
+        return sorted(self.drill_downs, key=lambda view: order[view.result.verdict.kind])
+
+    def inputs_text(self) -> str:
+        names = [Path(p).name for p in self.fleet.inputs]
+        if len(names) <= 6:
+            return ", ".join(names)
+        return f"{len(names)} files ({', '.join(names[:3])}, …, {names[-1]})"
+
+    @staticmethod
+    def hosts(hosts: list[str], limit: int = 400) -> str:
+        return shortened(hosts, limit)
+
+    def cell(self, check, node: FleetNode) -> tuple[str, str]:
+        code = node.outcome(check.index)
+        return OUTCOME[code], self.fleet.reason(node, check.index) if code != ABSENT else "not in this node's report"
+
+    def areas_of_checks(self) -> list[tuple[str, list]]:
+        grouped: dict[str, list] = {}
+        for check in self.fleet.checks:
+            grouped.setdefault(check.area, []).append(check)
+        return list(grouped.items())
+
+    def _skip_reasons(self) -> list[tuple[str, int, list[str]]]:
+        reasons: dict[str, list[str]] = {}
+        counts: Counter = Counter()
+        for node in self.nodes:
+            for check, code in enumerate(node.outcomes):
+                if OUTCOME[code] == "skipped":
+                    reason = self.fleet.reason(node, check) or "(no reason given)"
+                    counts[reason] += 1
+                    hosts = reasons.setdefault(reason, [])
+                    if not hosts or hosts[-1] != node.label:
+                        hosts.append(node.label)
+        return sorted(((r, counts[r], hosts) for r, hosts in reasons.items()), key=lambda item: (-item[1], item[0]))
+
+
+def render(fleet: Fleet, title: str) -> str:
     import jinja2
 
     environment = jinja2.Environment(
@@ -240,26 +218,28 @@ def render(model: ReportModel, title: str) -> str:
     )
     template = environment.get_template("report.html.j2")
     return template.render(
-        title=title,
-        model=model,
-        charts=charts(model),
-        totals=model.totals(),
+        page=Page(fleet, title),
         outcome_text=OUTCOME_TEXT,
+        exception_checks_shown=EXCEPTION_CHECKS_SHOWN,
+        checks_shown=FAILING_CHECKS_SHOWN,
+        failed_lines=FAILED_NODE_LINES,
         generated=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        inputs=[Path(p).name for p in model.inputs],
     )
 
 
 def run(paths: list[str], output: str, title: str) -> str:
     """Write the page for ``paths`` to ``output``; returns a one-line account."""
-    merge.check_output_not_input(paths, output)
-    model = build_model(paths)
-    junit.write_atomically(render(model, title), output)
-    totals = model.totals()
+    check_inputs(paths, output)
+    with junit.AtomicOutput(output) as stream:  # an unwritable output fails before the work
+        fleet = Fleet.read(paths)
+        html = render(fleet, title)
+        stream.write(html.encode("utf-8"))
+    totals = fleet.totals()
+    verdict = insights.fleet_verdict(insights.node_verdicts(fleet))
     return (
-        f"report of {len(model.nodes)} node(s) x {len(model.checks)} check(s): "
-        f"{totals['passed']} passed, {totals['failed']} failed, {totals['error']} errors, "
-        f"{totals['skipped']} skipped -> {output}"
+        f"report of {len(fleet.nodes)} node(s) x {len(fleet.checks)} check(s): {verdict.word}: "
+        f"{verdict.headline()}; {totals['passed']} passed, {totals['failed']} failed, "
+        f"{totals['error']} errors, {totals['skipped']} skipped -> {output} ({len(html.encode()) / 1e6:.1f} MB)"
     )
 
 
@@ -267,22 +247,12 @@ def add_command(commands) -> None:
     """Register ``gpuconform report`` on the CLI's subparsers (cli.py)."""
     parser = commands.add_parser(
         "report",
-        help="write one self-contained HTML page (node x check matrix, inventory, charts)",
+        help="write one self-contained HTML page (verdict, failures by cause, outliers, distributions)",
         description="Render JUnit XML files (per node, or merged) as one self-contained HTML page. "
-        "Exit 2 on a missing, empty or corrupt input; nothing is written then.",
+        "Exit 2 on a missing, empty or corrupt input or an output that cannot be written; "
+        "nothing is written then.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (raw or merged)")
     parser.add_argument("-o", "--output", required=True, metavar="HTML", help="page to write")
     parser.add_argument("--title", default="GPU conformance report", help="page title")
-    parser.set_defaults(func=_command)
-
-
-def _command(args) -> int:
-    import sys
-
-    try:
-        print(run(args.files, args.output, args.title))
-    except merge.BadReport as exc:
-        print(f"gpuconform report: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    parser.set_defaults(func=lambda args: run(args.files, args.output, args.title))

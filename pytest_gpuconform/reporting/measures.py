@@ -15,6 +15,8 @@ They pick the numbers that matter by one naming rule instead:
   ``max_rel_l2_vs_single_process``. (``_max`` / ``_min`` / ``_tol`` / ``_threshold`` pair
   exactly only: ``err_max`` alone may well be a measurement.)
 * ``X_ratio`` with no bound: a ratio worth showing on its own (a memory ratio).
+* ``X_tflops`` / ``X_gbps`` (any case) with no bound: a throughput, shown as well (the
+  terminal summary, the page's distributions) and kept by baselines.
 
 Everything else that is numeric is still a measurement (it stays in the JUnit properties)
 but is not a *key* number. The properties the plugin attaches to every test (feature,
@@ -38,6 +40,11 @@ BOUND_PREFIX = "bound_"
 # Names that can only be bounds, so they may also bound every measure that contains their base.
 LOOSE_SUFFIXES = ("_bound", "_floor")
 RATIO_SUFFIX = "_ratio"
+THROUGHPUT_SUFFIXES = ("_tflops", "_gbps")
+
+
+def is_throughput(name: str) -> bool:
+    return name.lower().endswith(THROUGHPUT_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -166,3 +173,8 @@ def measures(properties: Iterable[tuple[str, object]]) -> list[Measure]:
 
 def key_measures(properties: Iterable[tuple[str, object]]) -> list[Measure]:
     return [m for m in measures(properties) if m.is_key]
+
+
+def shown_measures(properties: Iterable[tuple[str, object]]) -> list[Measure]:
+    """What the terminal summary and the page's distributions show: key numbers and throughputs."""
+    return [m for m in measures(properties) if m.is_key or is_throughput(m.name)]

@@ -1,79 +1,50 @@
-"""The table printed at the end of ``pytest --gpuconform``.
+"""The gpuconform summary printed at the end of ``pytest --gpuconform``.
 
-One row per area x (device, dtype, world size), with pass / fail / error / skip counts and
-the key numbers of that row (measures.py says which: bounded values and ratios; the worst
-of each across the row's tests, out-of-bound ones first and marked ``!``). Rows in which
-everything skipped fold into one per (area, device) that gives the commonest reason. An operator
-reading a CI log sees at a glance which feature broke on which device and by how much,
-and where the full JUnit report is.
+First the verdict, in one line saying what was verified (acceptance/verdict.py), then one
+row per area x (device, dtype, world size) with pass / fail / error / skip counts and the
+numbers of that row, then each failure cause that more than one test shares, once, with
+its count, and where the JUnit report is.
 
-Pure functions of the test reports: plugin.py's ``pytest_terminal_summary`` passes
-``terminalreporter.stats`` in and writes the lines out.
+Every line fits ``WIDTH`` (120) columns, so a CI log stays readable: a row's numbers are
+the worst first, as many as fit, then "+N more"; a skip reason is shortened at a word
+boundary (the full text is in pytest's ``-rs``). Which numbers a row shows: those with a
+bound, ratios and throughputs (measures.py's ``shown_measures``); every other recorded
+number is in the JUnit properties and the ``--gpuconform-json`` / ``--gpuconform-prometheus``
+outputs only. Rows in which everything skipped fold into one per (area, device).
+
+Pure functions of the test outcomes (outcomes.py): plugin.py passes them in.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import textwrap
+from collections import Counter
 
-from .measures import Measure, key_measures
+from .causes import cause_of
+from .measures import Measure, shown_measures
+from .outcomes import CaseOutcome, outcomes_from_reports
+
+__all__ = ["CaseOutcome", "outcomes_from_reports", "summary_lines", "summary_lines_from_stats", "shorten"]
 
 OUTCOMES = ("passed", "failed", "error", "skipped")
-_PRECEDENCE = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
-MAX_NUMBERS_PER_ROW = 3
-MAX_REASON = 70
+WIDTH = 120
+CAUSES_SHOWN = 5
+ELLIPSIS = "…"
 
 
-@dataclass
-class CaseOutcome:
-    """One test's verdict over its setup, call and teardown, with its properties."""
-
-    nodeid: str
-    outcome: str
-    properties: list[tuple[str, object]] = field(default_factory=list)
-    skip_reason: str = ""
-
-
-def _phase_outcome(report) -> str:
-    when = getattr(report, "when", None)
-    if report.outcome == "failed":
-        return "failed" if when == "call" else "error"
-    if report.outcome == "skipped":
-        return "skipped"
-    return "passed"
-
-
-def _skip_reason(report) -> str:
-    longrepr = getattr(report, "longrepr", None)
-    if isinstance(longrepr, tuple) and len(longrepr) == 3:
-        return str(longrepr[2]).removeprefix("Skipped: ")
-    return ""
-
-
-def outcomes_from_reports(reports: Iterable[object]) -> list[CaseOutcome]:
-    """Fold pytest's per-phase reports (TestReport, CollectReport) into one outcome per test.
-
-    An error in setup or teardown wins over the call's verdict, a failure over a skip.
-    """
-    tests: dict[str, CaseOutcome] = {}
-    for report in reports:
-        if not hasattr(report, "outcome") or not hasattr(report, "nodeid"):
-            continue  # warnings, deselected items
-        outcome = _phase_outcome(report)
-        properties = list(getattr(report, "user_properties", ()) or ())
-        reason = _skip_reason(report) if outcome == "skipped" else ""
-        test = tests.get(report.nodeid)
-        if test is None:
-            tests[report.nodeid] = CaseOutcome(report.nodeid, outcome, properties, reason)
-            continue
-        if _PRECEDENCE[outcome] > _PRECEDENCE[test.outcome]:
-            test.outcome = outcome
-            test.skip_reason = reason
-        if len(properties) > len(test.properties):
-            test.properties = properties
-    return list(tests.values())
+def shorten(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters at a word boundary, marked with an ellipsis."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return ELLIPSIS[:width]
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    if space >= width // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:(") + ELLIPSIS
 
 
 def _area(test: CaseOutcome, props: dict) -> str:
@@ -109,13 +80,15 @@ def _badness(measure: Measure) -> float:
     return math.inf if used is None or math.isnan(used) else used
 
 
-def _key_numbers(tests: list[CaseOutcome]) -> str:
-    measures = [m for test in tests for m in key_measures(test.properties)]
-    shown = _worst(measures)
-    text = ", ".join(m.describe() for m in shown[:MAX_NUMBERS_PER_ROW])
-    if len(shown) > MAX_NUMBERS_PER_ROW:
-        text += f" (+{len(shown) - MAX_NUMBERS_PER_ROW} more in the JUnit properties)"
-    return text
+def _key_numbers(tests: list[CaseOutcome], width: int) -> str:
+    shown = _worst([m for test in tests for m in shown_measures(test.properties)])
+    texts = [m.describe() for m in shown]
+    for count in range(len(texts), -1, -1):
+        more = len(texts) - count
+        text = ", ".join(texts[:count]) + (f"{', ' if count else ''}+{more} more" if more else "")
+        if len(text) <= width or count == 0:
+            return text
+    return ""
 
 
 def _fold_skipped_rows(rows: dict) -> dict:
@@ -130,16 +103,15 @@ def _fold_skipped_rows(rows: dict) -> dict:
     return folded
 
 
-def _common_skip_reason(tests: list[CaseOutcome]) -> str:
-    reasons: dict[str, int] = {}
-    for test in tests:
-        reasons[test.skip_reason] = reasons.get(test.skip_reason, 0) + 1
+def _common_skip_reason(tests: list[CaseOutcome], width: int) -> tuple[str, bool]:
+    """("skipped: <commonest reason> (+N other reasons)", whether the reason was shortened)."""
+    reasons = Counter(test.skip_reason for test in tests)
     # The commonest reason, ties broken by the text: the same row reads the same every run.
     reason = min(reasons, key=lambda text: (-reasons[text], text)) if reasons else ""
-    if len(reason) > MAX_REASON:
-        reason = reason[: MAX_REASON - 1] + "…"
     more = f" (+{len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
-    return f"skipped: {reason or 'no reason given'}{more}"
+    room = width - len("skipped: ") - len(more)
+    text = shorten(reason or "no reason given", room)
+    return f"skipped: {text}{more}", text != (reason or "no reason given")
 
 
 def _sort_key(key: tuple) -> tuple:
@@ -147,31 +119,74 @@ def _sort_key(key: tuple) -> tuple:
     return area, device, dtype == "*", dtype, world_size == "*", world_size if world_size != "*" else 0
 
 
-def summary_lines(tests: list[CaseOutcome], junit_path: str | None, merged_path: str | None = None) -> list[str]:
-    """The table as text lines, followed by where the JUnit report (and a cluster run's
-    merged report) is."""
+def _table(tests: list[CaseOutcome], width: int) -> tuple[list[str], bool]:
     rows: dict[tuple, list[CaseOutcome]] = {}
     for test in tests:
         rows.setdefault(row_key(test), []).append(test)
     rows = _fold_skipped_rows(rows)
     header = ("area", "device", "dtype", "ws", "pass", "fail", "error", "skip", "key numbers")
-    table = [header]
-    for key in sorted(rows, key=_sort_key):
-        group = rows[key]
-        counts = [sum(t.outcome == outcome for t in group) for outcome in OUTCOMES]
-        last = _common_skip_reason(group) if key[2] == "*" else _key_numbers(group)
-        table.append((key[0], key[1], key[2], str(key[3]), *map(str, counts), last))
-    lines = []
-    if len(table) == 1:
+    keys = sorted(rows, key=_sort_key)
+    cells = [header] + [
+        (k[0], k[1], k[2], str(k[3]), *(str(sum(t.outcome == o for t in rows[k])) for o in OUTCOMES)) for k in keys
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header) - 1)]
+    used = sum(widths) + 2 * (len(widths))
+    room = max(width - used, 20)
+    lines, shortened = [], False
+    for index, row in enumerate(cells):
+        if index == 0:
+            last = header[-1]
+        else:
+            group = rows[keys[index - 1]]
+            if keys[index - 1][2] == "*":
+                last, cut = _common_skip_reason(group, room)
+                shortened = shortened or cut
+            else:
+                last = _key_numbers(group, room)
+        padded = [
+            cell.rjust(w) if 3 <= i <= 7 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        lines.append("  ".join(padded + [last]).rstrip())
+    return lines, shortened
+
+
+def _causes(tests: list[CaseOutcome], width: int) -> list[str]:
+    """Each failure cause more than one test shares, once, with its count and an example."""
+    groups: dict[str, list[CaseOutcome]] = {}
+    for test in tests:
+        if test.outcome in ("failed", "error"):
+            groups.setdefault(cause_of(test.message), []).append(test)
+    shared = sorted(((c, g) for c, g in groups.items() if len(g) > 1), key=lambda item: (-len(item[1]), item[0]))
+    if not shared:
+        return []
+    lines = [f"failures sharing a cause ({len(shared)}): count, one message, first test"]
+    for _, group in shared[:CAUSES_SHOWN]:
+        lines.append(shorten(f"  {len(group)} × {group[0].message or '(no message)'}", width))
+        lines.append(shorten(f"      first: {group[0].nodeid}", width))
+    if len(shared) > CAUSES_SHOWN:
+        lines.append(f"  (+{len(shared) - CAUSES_SHOWN} more causes: see the JUnit report or gpuconform report)")
+    return lines
+
+
+def summary_lines(
+    tests: list[CaseOutcome],
+    junit_path: str | None,
+    merged_path: str | None = None,
+    verdict_line: str | None = None,
+    width: int = WIDTH,
+) -> list[str]:
+    """The summary as text lines (each at most ``width`` columns, paths aside)."""
+    # The verdict is never cut: it wraps, at word boundaries, onto indented lines.
+    lines = textwrap.wrap(f"verdict: {verdict_line}", width, subsequent_indent="  ") if verdict_line else []
+    if not tests:
         lines.append("no tests ran")
     else:
-        widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-        for row in table:
-            cells = [
-                cell.rjust(width) if 3 <= i <= 7 else cell.ljust(width)
-                for i, (cell, width) in enumerate(zip(row, widths, strict=False))
-            ]
-            lines.append("  ".join(cells + [row[-1]]).rstrip())
+        table, shortened = _table(tests, width)
+        lines += table
+        lines += _causes(tests, width)
+        if shortened:
+            lines.append("(skip reasons shortened; pytest -rs lists each in full)")
     if junit_path:
         lines.append(f"JUnit XML: {os.path.abspath(junit_path)}")
     else:
@@ -181,7 +196,9 @@ def summary_lines(tests: list[CaseOutcome], junit_path: str | None, merged_path:
     return lines
 
 
-def summary_lines_from_stats(stats: dict, junit_path: str | None, merged_path: str | None = None) -> list[str]:
+def summary_lines_from_stats(
+    stats: dict, junit_path: str | None, merged_path: str | None = None, verdict_line: str | None = None
+) -> list[str]:
     """``summary_lines`` of a terminal reporter's ``stats`` (outcome -> reports)."""
     reports = [report for category in stats.values() for report in category]
-    return summary_lines(outcomes_from_reports(reports), junit_path, merged_path)
+    return summary_lines(outcomes_from_reports(reports), junit_path, merged_path, verdict_line)

@@ -189,6 +189,24 @@ def test_c_next_test_still_pairs_correctly(rank):
     t = torch.full((1,), 10.0 * (rank + 1))
     dist.all_reduce(t)
     assert t.item() == 30.0, f"got {t.item()}: collectives of an earlier test leaked into this one"
+
+@pytest.mark.world_size(2)
+def test_d_ported_body(rank):
+    import os
+    os.environ["CLUSTER_LEAK"] = "1"
+    dist.init_process_group("gloo")  # the world this rank is already in: a no-op
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == 2.0
+    dist.destroy_process_group()
+
+@pytest.mark.world_size(2)
+def test_e_after_destroy(rank):
+    import os
+    assert "CLUSTER_LEAK" not in os.environ
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == 2.0
 """
 
 
@@ -226,3 +244,10 @@ def test_cluster_hang_and_early_failure_stay_in_their_own_test(tmp_path, hang_wo
     record_property("c_level_hang_seconds", times["test_b_rank0_fails_early[ws2-cpu]"])
     assert 3.0 <= times["test_a_python_hang[ws2-cpu]"] < 3.0 + 2.0, times
     assert 5.0 <= times["test_b_rank0_fails_early[ws2-cpu]"] < 5.0 + 2.0, times
+    # the same rank-side isolation as the engine's: a ported body works, the group is rebuilt
+    assert cases["test_d_ported_body[ws2-cpu]"].find("failure") is None, output
+    assert cases["test_e_after_destroy[ws2-cpu]"].find("failure") is None, output
+    rank_file = ET.parse(next((tmp_path / "reports").glob("junit-*-r0.xml"))).getroot()
+    ported = next(c for c in rank_file.iter("testcase") if c.get("name") == "test_d_ported_body[ws2-cpu]")
+    notes = {p.get("name"): p.get("value") for p in ported.iter("property")}
+    assert "destroyed the default process group: rebuilt" in notes.get("gpuconform_isolation", ""), notes

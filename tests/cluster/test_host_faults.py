@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support.junit_schema import schema_errors as _schema_errors
+from support.tools import schema_errors as _schema_errors
 from support.torchrun_hosts import start_agents
 
 DEADLINE = 8.0  # --gpuconform-timeout of the faulted runs

@@ -41,7 +41,7 @@ def test_indexed_job_template_is_valid_kubernetes(version):
     for resource in _resources():
         kubernetes_validate.validate(resource, version, strict=True)
         kinds.append(resource["kind"])
-    assert kinds == ["PersistentVolumeClaim", "Job"]
+    assert kinds == ["PersistentVolumeClaim", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Job"]
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_indexed_job_template_is_valid_kubernetes(version):
 )
 def test_the_validator_rejects_a_broken_template(break_it, complaint):
     """The check can fail: the same template with one defect does not pass."""
-    job = _resources()[1]
+    (job,) = [r for r in _resources() if r["kind"] == "Job"]
     break_it(job)
     with pytest.raises(kubernetes_validate.ValidationError) as raised:
         kubernetes_validate.validate(job, VERSIONS[-1], strict=True)

@@ -35,6 +35,11 @@ def test_wheel_builds_without_warnings_and_contains_the_suite_and_the_entry_poin
         "pytest_gpuconform/conformance/test_ddp.py",
         "pytest_gpuconform/reporting/templates/report.html.j2",
         "pytest_gpuconform/perf/data/perf_floors.json",
+        "pytest_gpuconform/reporting/schemas/node-report.schema.json",
+        "pytest_gpuconform/acceptance/examples/h100-sxm-8x.toml",
+        "pytest_gpuconform/acceptance/examples/h200-8x.toml",
+        "pytest_gpuconform/acceptance/examples/a100-sxm-8x.toml",
+        "pytest_gpuconform/acceptance/examples/cpu-ci-runner.toml",
     ):
         assert expected in names, expected
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -29,6 +29,7 @@ GITHUB = CI / "github" / "gpu-conformance-nightly.yml"
 GITLAB = CI / "gitlab" / "gpu-conformance.gitlab-ci.yml"
 KUBERNETES = CI / "kubernetes" / "gpuconform-indexed-job.yaml"
 PER_NODE = CI / "slurm" / "gpuconform-per-node.sbatch"
+MATRIX_PASS = re.compile(r'data-check="[^"]*" data-outcome="passed"')
 TORCHRUN = CI / "slurm" / "gpuconform-cluster-torchrun.sbatch"
 
 
@@ -101,9 +102,13 @@ def test_gitlab_job_reports_junit_and_fails_when_a_check_failed(tmp_path, stand_
     assert [w for w in written if fnmatch.fnmatch(w, junit_glob)] == ["reports/junit-gitlab-runner-7.xml"]
 
 
+def kubernetes_documents() -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(KUBERNETES.read_text())}
+
+
 def test_kubernetes_indexed_job_one_pod_per_node_no_retries(tmp_path):
-    claim, job = yaml.safe_load_all(KUBERNETES.read_text())
-    assert claim["kind"] == "PersistentVolumeClaim" and job["kind"] == "Job"
+    docs = kubernetes_documents()
+    claim, job = docs["PersistentVolumeClaim"], docs["Job"]
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
     assert spec["backoffLimit"] == 0
@@ -118,7 +123,8 @@ def test_kubernetes_indexed_job_one_pod_per_node_no_retries(tmp_path):
     (script,) = container["args"]
     check_shell(script, tmp_path, "pod.sh")
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert '--junitxml="/reports/junit-$NODE_NAME.xml"' in script and mounts["reports"] == "/reports"
+    assert 'report="/reports/junit-$NODE_NAME.xml"' in script and '--junitxml="$report"' in script
+    assert mounts["reports"] == "/reports"
     assert {v["name"]: v for v in pod["volumes"]}["reports"]["persistentVolumeClaim"]["claimName"] == claim["metadata"][
         "name"
     ]
@@ -133,7 +139,7 @@ def test_slurm_scripts_are_valid_shell(tmp_path, script):
 # -- stand-ins -------------------------------------------------------------------------
 
 FAKE_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
-<testsuites name="pytest tests"><testsuite name="pytest" errors="0" failures="{failures}" skipped="0" tests="1" time="0.100" hostname="{host}"><properties><property name="gpuconform.host" value="{host}" /><property name="gpuconform.gpu_count" value="8" /></properties><testcase classname="pytest_gpuconform.conformance.test_collectives" name="test_all_reduce[ws2-cuda-fp32]" time="0.100">{result}</testcase></testsuite></testsuites>
+<testsuites name="pytest tests"><testsuite name="pytest" errors="0" failures="{failures}" skipped="0" tests="2" time="0.100" hostname="{host}"><properties><property name="gpuconform.host" value="{host}" /><property name="gpuconform.gpu_count" value="8" /></properties><testcase classname="pytest_gpuconform.conformance.test_environment" name="test_torch_imports_and_is_recent" time="0.001" /><testcase classname="pytest_gpuconform.conformance.test_collectives" name="test_all_reduce[ws2-cuda-fp32]" time="0.100">{result}</testcase></testsuite></testsuites>
 """
 
 PYTEST = f"""#!{sys.executable}
@@ -194,10 +200,24 @@ done
 exit "$status"
 """
 
-SCONTROL = """#!/bin/bash
-# Stand-in for `scontrol show hostnames LIST`.
-[[ "$1 $2" == "show hostnames" && "$3" == "$SLURM_JOB_NODELIST" ]] || { echo "scontrol stand-in: $*" >&2; exit 1; }
-printf '%s\\n' $FAKE_NODES
+SCONTROL = f"""#!{sys.executable}
+# Stand-in for `scontrol show hostnames LIST` and `scontrol update ...` (logged).
+import json, os, sys
+args = sys.argv[1:]
+if args[:1] == ["update"]:
+    with open(os.environ["FAKE_LOG"], "a") as log:
+        log.write(json.dumps(["scontrol", "", args]) + "\\n")
+    sys.exit(0)
+if args[:2] != ["show", "hostnames"] or args[2:] != [os.environ["SLURM_JOB_NODELIST"]]:
+    sys.exit("scontrol stand-in: " + " ".join(args))
+print("\\n".join(os.environ["FAKE_NODES"].split()))
+"""
+
+KUBECTL = f"""#!{sys.executable}
+# Stand-in for kubectl: logs its arguments.
+import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps(["kubectl", "", sys.argv[1:]]) + "\\n")
 """
 
 HOSTNAME = """#!/bin/bash
@@ -219,6 +239,7 @@ class StandIns:
             ("torchrun", TORCHRUN_STANDIN),
             ("srun", SRUN),
             ("scontrol", SCONTROL),
+            ("kubectl", KUBECTL),
             ("hostname", HOSTNAME),
             ("pip", PIP),
         ]:
@@ -262,8 +283,10 @@ def test_per_node_script_one_pytest_per_node_then_merge(tmp_path, stand_ins):
     result = run_sbatch(PER_NODE, tmp_path / "ok", stand_ins.env(**SLURM))
     assert result.returncode == 0, result.stderr
     reports = tmp_path / "ok" / "reports" / "4242"
-    assert merged_suites(reports / "cluster.xml") == {n: ("1", "0") for n in ("gpu-01", "gpu-02", "gpu-03")}
-    assert (reports / "report.html").read_text().count('data-outcome="passed"') == 3
+    assert merged_suites(reports / "cluster.xml") == {n: ("2", "0") for n in ("gpu-01", "gpu-02", "gpu-03")}
+    page = (reports / "report.html").read_text()
+    assert len(MATRIX_PASS.findall(page)) == 6  # the check x node matrix: two checks x three nodes
+    assert 'data-count="passed">3<' in page
     calls = stand_ins.calls("pytest")
     assert [host for host, _ in calls] == ["gpu-01", "gpu-02", "gpu-03"]
     host, args = calls[1]
@@ -278,8 +301,21 @@ def test_per_node_script_fails_on_a_silent_node_and_a_failed_check(tmp_path, sta
     assert result.returncode == 1
     assert "gpuconform: no report from 1 node(s): gpu-02" in result.stderr
     reports = tmp_path / "bad" / "reports" / "4242"
-    assert merged_suites(reports / "cluster.xml") == {"gpu-01": ("1", "0"), "gpu-03": ("1", "1")}
+    assert merged_suites(reports / "cluster.xml") == {"gpu-01": ("2", "0"), "gpu-03": ("2", "1")}
     assert "busbw 12.0 &lt; floor 200 GB/s" in (reports / "report.html").read_text()
+    assert stand_ins.calls("scontrol") == []  # draining is opt-in
+
+
+def test_per_node_script_drains_failed_and_silent_nodes_when_asked(tmp_path, stand_ins):
+    env = stand_ins.env(**SLURM, FAKE_DEAD_NODES="gpu-02", FAKE_PYTEST_FAIL="gpu-03", GPUCONFORM_DRAIN="1")
+    result = run_sbatch(PER_NODE, tmp_path / "drain", env)
+    assert result.returncode == 1
+    updates = [args for _, args in stand_ins.calls("scontrol")]
+    assert updates == [
+        ["update", "NodeName=gpu-02", "State=DRAIN", "Reason=gpuconform: no report (crashed, hung or never started)"],
+        ["update", "NodeName=gpu-03", "State=DRAIN", "Reason=gpuconform: test_all_reduce[ws2-cuda-fp32]"],
+    ]
+    assert "gpuconform: draining gpu-03: gpuconform: test_all_reduce[ws2-cuda-fp32]" in result.stderr
 
 
 def test_torchrun_script_one_agent_per_node_every_rank_reports(tmp_path, stand_ins):
@@ -297,7 +333,7 @@ def test_torchrun_script_one_agent_per_node_every_rank_reports(tmp_path, stand_i
     reports = tmp_path / "ok" / "reports" / "4242"
     # Per-rank files merged (the collapsed junit-cluster.xml of rank 0 is not among them).
     assert merged_suites(reports / "cluster.xml") == {
-        f"gpu-0{node}-r{rank}": ("1", "0") for node, rank in [(1, 0), (1, 1), (2, 2), (2, 3)]
+        f"gpu-0{node}-r{rank}": ("2", "0") for node, rank in [(1, 0), (1, 1), (2, 2), (2, 3)]
     }
     agents = stand_ins.calls("torchrun")
     assert [host for host, _ in agents] == ["gpu-01", "gpu-02"]
@@ -314,7 +350,7 @@ def test_torchrun_script_one_agent_per_node_every_rank_reports(tmp_path, stand_i
             f"--junitxml={reports}/junit-{{host}}-r{{rank}}.xml",
         } <= set(args)
     page = (reports / "report.html").read_text()
-    assert page.count('data-outcome="passed"') == 2  # two hosts, their ranks folded per column
+    assert len(MATRIX_PASS.findall(page)) == 4  # two hosts x two checks, their ranks folded per column
 
 
 def test_torchrun_script_fails_when_a_rank_is_missing(tmp_path, stand_ins):
@@ -336,3 +372,40 @@ def test_torchrun_script_fails_when_a_rank_is_missing(tmp_path, stand_ins):
         "gpu-01-r1",
         "gpu-02-r2",
     }
+
+
+@pytest.mark.parametrize("action, failing", [("label", True), ("taint", True), ("taint", False), ("", True)])
+def test_kubernetes_pod_labels_or_taints_its_node_when_asked(tmp_path, stand_ins, action, failing):
+    (script,) = kubernetes_documents()["Job"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    script = script.replace("/reports/", f"{reports}/")
+    env = stand_ins.env(NODE_NAME="gpu-node-5", GPUCONFORM_HOST="gpu-node-5", GPUCONFORM_NODE_ACTION=action)
+    if failing:
+        env["FAKE_PYTEST_FAIL"] = "gpu-node-5"
+    # `gpuconform inventory` is real; stand-ins for pip, pytest and kubectl.
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == (1 if failing else 0), result.stderr
+    calls = [args for _, args in stand_ins.calls("kubectl")]
+    verdict = "failed" if failing else "passed"
+    if not action:
+        assert calls == []
+        return
+    expected = [["label", "node", "gpu-node-5", f"gpuconform.io/verdict={verdict}", "--overwrite"]]
+    if failing:
+        expected.append(
+            [
+                "annotate",
+                "node",
+                "gpu-node-5",
+                "gpuconform.io/first-failure=test_all_reduce[ws2-cuda-fp32]",
+                "--overwrite",
+            ]
+        )
+        if action == "taint":
+            expected.append(["taint", "node", "gpu-node-5", "gpuconform.io/failed=true:NoSchedule", "--overwrite"])
+    elif action == "taint":
+        expected.append(["taint", "node", "gpu-node-5", "gpuconform.io/failed:NoSchedule-"])
+    assert calls == expected
+    rbac = kubernetes_documents()["ClusterRole"]["rules"][0]
+    assert rbac["resources"] == ["nodes"] and set(rbac["verbs"]) == {"get", "patch"}

@@ -1,7 +1,8 @@
 """``gpuconform merge``: many nodes' reports into one that CI reporters keep apart.
 
 Inputs are pytest-shaped JUnit files in tests/data (node-a passes, node-b has a failure,
-a setup error and a skip); the real two-node pytest runs are in test_report.py.
+a setup error and a skip); the real two-node pytest runs are in test_report.py, the real
+consumers (junitparser, junit2html, test-results-parser, npm tools) in test_consumers.py.
 """
 
 from __future__ import annotations
@@ -60,13 +61,15 @@ def test_two_nodes_stay_apart_counts_add_up_properties_survive(tmp_path, capsys)
     merged = ElementTree.parse(out).getroot()
     suites = {s.get("name"): s for s in merged.findall("testsuite")}
     assert list(suites) == ["node-a", "node-b"]
-    # Counts add up: 8 tests; node-b's failure and its setup error are both failures now
-    # (the schema has no <error>); one skip per node.
-    assert (merged.get("tests"), merged.get("failures"), merged.get("errors")) == ("8", "2", "0")
-    assert [(s.get("tests"), s.get("failures"), s.get("skipped")) for s in suites.values()] == [
-        ("4", "0", "1"),
-        ("4", "2", "1"),
+    # Counts add up, at the root too (skipped included: consumers read the root's totals):
+    # 8 tests; node-b's failure and its setup error (kept as pytest's <error>); a skip per node.
+    totals = ("tests", "failures", "errors", "skipped")
+    assert tuple(merged.get(name) for name in totals) == ("8", "1", "1", "2")
+    assert [tuple(s.get(name) for name in totals) for s in suites.values()] == [
+        ("4", "0", "0", "1"),
+        ("4", "1", "1", "1"),
     ]
+    assert [s.get("hostname") for s in suites.values()] == ["node-a", "node-b"]
     assert float(merged.get("time")) == pytest.approx(3.75)
 
     # The same test from both nodes: two cases, host in the classname (GitLab's suite key).
@@ -83,9 +86,8 @@ def test_two_nodes_stay_apart_counts_add_up_properties_survive(tmp_path, capsys)
             assert copy.findtext("system-out") == case.findtext("system-out")
 
     error = out_cases[("node-b.pytest_gpuconform.conformance.test_collectives", "test_all_reduce[ws2-cuda-fp32]")]
-    (failure,) = error.findall("failure")
-    assert failure.get("type") == "error"
-    assert failure.get("message") == 'failed on setup with "RuntimeError: needs 2 GPUs for ws2, rank 1 has no device"'
+    (element,) = error.findall("error")
+    assert element.get("message") == 'failed on setup with "RuntimeError: needs 2 GPUs for ws2, rank 1 has no device"'
     assert_schema_valid(out)
 
 
@@ -173,23 +175,60 @@ def test_console_script_exit_code(tmp_path):
     assert not (tmp_path / "x.xml").exists()
 
 
-def test_pytest_file_made_schema_safe_in_place(tmp_path):
-    """pytest writes <error> for a failing fixture; the schema only knows <failure>."""
-    from pytest_gpuconform.reporting.junit import make_schema_safe
-
-    path = tmp_path / "junit.xml"
-    shutil.copy(NODE_B, path)
-    assert make_schema_safe(str(path)) == 1
-    suite = ElementTree.parse(path).getroot().find("testsuite")
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped")) == (
-        "4",
-        "2",
-        "0",
-        "1",
+def test_unwritable_output_is_named_exit_2_before_any_work(tmp_path, capsys):
+    """/proc takes no files: the error names the output and the reason, no traceback."""
+    for command in ("merge", "report"):
+        assert main([command, str(NODE_A), "-o", "/proc/gpuconform-x.out"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith(f"gpuconform {command}: error: /proc/gpuconform-x.out: cannot write (") and "\n" == err[-1]
+        )
+        assert "Traceback" not in err
+    (tmp_path / "a-dir").mkdir()
+    assert main(["merge", str(NODE_A), "-o", str(tmp_path / "a-dir")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["inventory", "-o", "/proc/gpuconform-inventory.json"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "gpuconform inventory: error: /proc/gpuconform-inventory.json: cannot write"
     )
-    assert [f.get("type") for f in suite.iter("failure")] == [None, "error"]
-    assert_schema_valid(path)
-    assert make_schema_safe(str(path)) == 0  # nothing left to do, file untouched
+
+
+def test_memory_does_not_grow_with_the_number_of_nodes(tmp_path):
+    """Streaming: the merge's peak Python memory at 40 nodes is about that at 10 (one
+    node's suite at a time); a merge that held the fleet would need 4x."""
+    import tracemalloc
+
+    from pytest_gpuconform.reporting import merge
+    from support.fleet import make_fleet
+
+    plan = make_fleet(DATA / "junit-real-cpu-node.xml", tmp_path / "fleet", 40)
+    peaks = {}
+    for count in (10, 40):
+        tracemalloc.start()
+        merge.merge_to([str(p) for p in plan.paths[:count]], str(tmp_path / f"merged-{count}.xml"))
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[40] < peaks[10] * 1.5, peaks
+    root = ElementTree.parse(tmp_path / "merged-40.xml").getroot()
+    assert len(root.findall("testsuite")) == 40 and root.get("tests") == str(sum(1 for _ in root.iter("testcase")))
+
+
+def test_merged_output_merges_again_and_a_merged_input_is_read_incrementally(tmp_path, monkeypatch):
+    """A merged file re-merged (as a large file, read suite by suite) gives the same suites."""
+    from pytest_gpuconform.reporting import suites
+
+    first = tmp_path / "first.xml"
+    assert main(["merge", str(NODE_A), str(NODE_B), "-o", str(first)]) == 0
+    monkeypatch.setattr(suites, "WHOLE_FILE_BYTES", 0)  # take the incremental path
+    again = tmp_path / "again.xml"
+    assert main(["merge", str(first), "-o", str(again)]) == 0
+    assert ElementTree.tostring(ElementTree.parse(first).getroot()) == ElementTree.tostring(
+        ElementTree.parse(again).getroot()
+    )
+    truncated = tmp_path / "cut.xml"
+    truncated.write_text(first.read_text()[:-40])
+    assert main(["merge", str(truncated), "-o", str(tmp_path / "x.xml")]) == 2
+    assert not (tmp_path / "x.xml").exists()
 
 
 def test_a_test_repeated_within_one_file_is_kept(tmp_path):
@@ -205,5 +244,5 @@ def test_a_test_repeated_within_one_file_is_kept(tmp_path):
     out = tmp_path / "cluster.xml"
     assert main(["merge", str(double), "-o", str(out)]) == 0
     root = ElementTree.parse(out).getroot()
-    assert (root.get("tests"), root.get("failures")) == ("2", "2")
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("2", "1", "1")
     assert_schema_valid(out)

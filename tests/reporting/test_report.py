@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,32 +20,13 @@ import pytest
 import support
 from pytest_gpuconform.cli import main
 from pytest_gpuconform.reporting import html as report
+from pytest_gpuconform.reporting.fleet import FAILED, Fleet
+from support import browser
+from support.browser import keep_artifact, require_tool
 
 DATA = support.DATA
 SCHEMA = DATA / "junit-10-testcase-properties.xsd"
 FAKE_NVML_DIR = support.FAKE_NVML_DIR
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def require_tool(*names: str, debian_package: str) -> str:
-    """The first tool found; a skip with the reason where none is (a failure in CI, where
-    GPUCONFORM_REQUIRE_TOOLS=1 says it must be installed)."""
-    for name in names:
-        path = shutil.which(name)
-        if path:
-            return path
-    message = f"{' / '.join(names)} not installed (Debian package {debian_package})"
-    if os.environ.get("GPUCONFORM_REQUIRE_TOOLS"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def assert_schema_valid(*paths: Path) -> None:
@@ -58,15 +38,7 @@ def assert_schema_valid(*paths: Path) -> None:
 
 
 def chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    binary = require_tool("chromium", "chromium-browser", debian_package="chromium")
-    result = subprocess.run(
-        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
+    return browser.chromium(page, profile, *args)[0]
 
 
 class PageReader(HTMLParser):
@@ -87,11 +59,11 @@ class PageReader(HTMLParser):
         attrs = {k: v or "" for k, v in attrs}
         self.tags.add(tag)
         for name in ("src", "href", "srcset", "data", "action"):
-            if name in attrs:
+            if name in attrs and not (name == "href" and attrs[name].startswith("#")):  # in-page links load nothing
                 self.loads.append(f"<{tag} {name}={attrs[name]}>")
-        if tag == "td" and "data-outcome" in attrs:
+        if tag == "td" and "data-outcome" in attrs and "data-check" in attrs:
             self.cells[(attrs["data-check"], attrs["data-node"])] = attrs["data-outcome"]
-        if tag == "tr" and "data-node" in attrs and "data-check" not in attrs:
+        if tag == "tr" and "data-node" in attrs and "data-check" not in attrs and "data-verdict" not in attrs:
             self._row = attrs["data-node"]
             self.inventory[self._row] = []
         if tag == "td" and self._row:
@@ -115,13 +87,6 @@ def read_page(html: str) -> PageReader:
     reader = PageReader()
     reader.feed(html)
     return reader
-
-
-def keep_artifact(path: Path) -> None:
-    target = os.environ.get("GPUCONFORM_ARTIFACTS")
-    if target:
-        os.makedirs(target, exist_ok=True)
-        shutil.copy(path, target)
 
 
 CHECKPOINTING = """
@@ -258,7 +223,7 @@ def test_two_nodes_merged_page_renders_in_chromium(pytester, monkeypatch, tmp_pa
 
 def test_page_from_pytest_shaped_files(tmp_path):
     """Data files: node-b has a failure, a setup error and a different GPU and driver."""
-    model = report.build_model([str(DATA / "junit-node-a.xml"), str(DATA / "junit-node-b.xml")])
+    model = Fleet.read([str(DATA / "junit-node-a.xml"), str(DATA / "junit-node-b.xml")])
     html = report.render(model, "data")
     seen = read_page(html)
     assert seen.cells[("test_activation_memory[cuda-fp32]", "node-b")] == "failed"
@@ -298,13 +263,12 @@ def test_ranks_of_one_host_fold_into_its_column(tmp_path):
         '<failure message="activation ratio 0.9 &gt; bound 0.5">trace</failure>',
     )
     (tmp_path / "junit-node-a-r1.xml").write_text(broken)
-    model = report.build_model([str(tmp_path / "junit-node-a-r0.xml"), str(tmp_path / "junit-node-a-r1.xml")])
+    model = Fleet.read([str(tmp_path / "junit-node-a-r0.xml"), str(tmp_path / "junit-node-a-r1.xml")])
     (node,) = model.nodes
     assert (node.label, node.rank_text()) == ("node-a", "2: r0–r1")
-    cell = model.cells[
-        (("pytest_gpuconform.conformance.test_checkpointing", "test_activation_memory[cuda-fp32]"), "node-a")
-    ]
-    assert (cell.outcome, cell.reason) == ("failed", "rank 1: activation ratio 0.9 > bound 0.5")
+    check = model.by_key[("pytest_gpuconform.conformance.test_checkpointing", "test_activation_memory[cuda-fp32]")]
+    assert node.outcome(check.index) == FAILED
+    assert model.reason(node, check.index) == "rank 1: activation ratio 0.9 > bound 0.5"
 
 
 def test_text_from_the_reports_is_escaped(tmp_path):
@@ -315,7 +279,7 @@ def test_text_from_the_reports_is_escaped(tmp_path):
         '<testcase classname="test_x" name="test_&lt;b&gt;[1]">'
         '<failure message="&lt;script&gt;alert(1)&lt;/script&gt;"/></testcase></testsuite>'
     )
-    html = report.render(report.build_model([str(hostile)]), "<title>")
+    html = report.render(Fleet.read([str(hostile)]), "<title>")
     seen = read_page(html)
     assert "script" not in seen.tags and "img" not in seen.tags and seen.loads == []
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;img src=x&gt;" in html

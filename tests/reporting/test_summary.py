@@ -128,7 +128,7 @@ def test_table_rows_counts_and_worst_key_numbers():
         CaseOutcome("tests/test_mine.py::v", "error", []),  # no properties at all
     ]
     lines = summary_lines(tests, "reports/junit.xml")
-    header, *rows, junit = lines
+    header, *rows, junit = [line for line in lines if not line.startswith(("failures sharing", "  ", "      "))]
     assert header.split() == ["area", "device", "dtype", "ws", "pass", "fail", "error", "skip", "key", "numbers"]
     assert [row.split()[:8] for row in rows] == [
         ["amp", "cpu", "bf16", "1", "1", "1", "0", "1"],
@@ -140,10 +140,22 @@ def test_table_rows_counts_and_worst_key_numbers():
     assert junit.startswith("JUnit XML: /") and junit.endswith("reports/junit.xml")
 
 
-def test_many_key_numbers_are_cut_to_the_worst_three():
+def test_key_numbers_are_the_worst_first_as_many_as_fit_120_columns():
     props = [("feature", "amp")] + [(f"e{i}", i / 10) for i in range(5)] + [(f"e{i}_bound", 1.0) for i in range(5)]
     (row,) = summary_lines([CaseOutcome("t.py::a", "passed", props)], None)[1:-1]
-    assert "e4=0.4<=1, e3=0.3<=1, e2=0.2<=1 (+2 more in the JUnit properties)" in row
+    assert row.endswith("e4=0.4<=1, e3=0.3<=1, e2=0.2<=1, e1=0.1<=1, e0=0<=1")
+    long = [("feature", "amp")] + [(f"error_number_{i}_of_many", i / 10) for i in range(5)]
+    long += [(f"error_number_{i}_of_many_bound", 1.0) for i in range(5)] + [("z_tflops", 3.0)]
+    (row,) = summary_lines([CaseOutcome("t.py::a", "passed", long)], None)[1:-1]
+    assert len(row) <= 120 and row.endswith("error_number_3_of_many=0.3<=1, +4 more")
+
+
+def test_shorten_cuts_at_a_word_boundary():
+    from pytest_gpuconform.reporting.summary import shorten
+
+    assert shorten("needs 2 GPU(s), node has no GPU (no NVIDIA driver)", 30) == "needs 2 GPU(s), node has no…"
+    assert shorten("short", 30) == "short"
+    assert len(shorten("x" * 100, 10)) == 10
 
 
 def test_empty_run_and_missing_junit_path_are_said_plainly():
@@ -169,7 +181,7 @@ def test_rows_that_only_skipped_fold_per_area_and_device_with_their_reason():
     ]
     reports += [skipped("test_amp.py::u[cuda-bf16]", "needs bf16", feature="amp", device="cuda", dtype="bf16")]
     reports += [report("test_amp.py::t[cpu-bf16]", "call", "passed", feature="amp", device="cpu", dtype="bf16")]
-    header, ran, folded, _ = summary_lines_from_stats({"skipped": reports[:3], "passed": reports[3:]}, None)
+    header, ran, folded, *_ = summary_lines_from_stats({"skipped": reports[:3], "passed": reports[3:]}, None)
     assert ran.split()[:8] == ["amp", "cpu", "bf16", "1", "1", "0", "0", "0"]
     assert folded.split()[:8] == ["amp", "cuda", "*", "*", "0", "0", "0", "3"]
     assert folded.endswith("skipped: needs a GPU; no NVIDIA driver (+1 other reasons)")

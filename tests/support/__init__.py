@@ -1,7 +1,9 @@
 """Helpers shared by the plugin's own tests (on sys.path through ``pythonpath`` in pyproject.toml).
 
 ``support.rank_faults`` runs shipped checks with faults planted in the rank processes;
-this module holds the paths and fake GPUs every folder of tests/ uses.
+``support.runs`` runs generated test files in one ``pytest --gpuconform`` subprocess and
+reads their JUnit cases; ``support.tools`` finds external tools (xmllint); this module
+holds the paths and fake GPUs every folder of tests/ uses.
 """
 
 from __future__ import annotations

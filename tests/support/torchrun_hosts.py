@@ -22,7 +22,17 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 RDZV_PORT = 29400  # every host has its own network stack: no port race with anything else
 
 # What a rank must not inherit from the test process: it has to find out who it is itself.
-_OWN_ENV = ("GPUCONFORM_HOST", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTEST_")
+# (PYTEST_ADDOPTS stays: tests/conftest.py keeps pytest-randomly off through it.)
+_OWN_ENV = (
+    "GPUCONFORM_HOST",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "PYTEST_CURRENT_TEST",
+    "PYTEST_XDIST",
+)
 
 
 def host_env(**extra: str) -> dict[str, str]:
