@@ -22,8 +22,9 @@ def _outcome(case: ET.Element) -> tuple[str, ET.Element | None]:
     return _WORD[outcome], element
 
 
-def merge(reports: list[tuple[str, int, str]]) -> ET.Element:
-    """reports: [(host, rank, junit xml text)] in rank order."""
+def merge(reports: list[tuple[str, int, str]], missing: dict[int, str] | None = None) -> ET.Element:
+    """reports: [(host, rank, junit xml text)] in rank order; a rank with no text has no
+    report, and ``missing`` may say why (rank -> reason, from faults.py)."""
     parsed: list[tuple[str, int, ET.Element | None]] = []
     for host, rank, text in sorted(reports, key=lambda r: r[1]):
         if not text.strip():
@@ -58,7 +59,7 @@ def merge(reports: list[tuple[str, int, str]]) -> ET.Element:
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     total_time = 0.0
     for key in order:
-        merged, outcome = _merge_case(cases[key], parsed)
+        merged, outcome = _merge_case(cases[key], parsed, missing or {})
         suite.append(merged)
         counts["tests"] += 1
         total_time += float(merged.get("time", "0") or 0)
@@ -74,7 +75,7 @@ def merge(reports: list[tuple[str, int, str]]) -> ET.Element:
     return root
 
 
-def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed) -> tuple[ET.Element, str]:
+def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed, reasons: dict[int, str]) -> tuple[ET.Element, str]:
     host0, rank0, first = ranked[0]
     merged = ET.Element("testcase", {k: v for k, v in first.attrib.items()})
     merged.set("time", f"{max(float(c.get('time', '0') or 0) for _, _, c in ranked):.3f}")
@@ -107,12 +108,14 @@ def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed) -> tuple[ET.E
             first_line = (element.get("message") or "").splitlines()[:1]
             lines.append(f"{outcome} on host {host} rank {rank}: {first_line[0] if first_line else ''}")
             texts.append(f"--- host {host} rank {rank} ---\n{element.text or ''}")
-        for host, rank in missing:
-            lines.append(f"no result from host {host} rank {rank} (rank crashed or its report is missing)")
+        for host, rank in missing:  # issue 14: an error, with the reason where faults.py knows it
+            lines.append(
+                f"no report from host {host} rank {rank}: {reasons.get(rank, 'rank crashed or its report is missing')}"
+            )
         if disagree:
             lines.append("ranks disagree about skipping: " + ", ".join(f"{h}/r{r}:{o}" for h, r, o, _ in outcomes))
         attrs = {"message": "; ".join(lines)}
-        if bad and all(o == "error" for _, _, o, _ in bad):
+        if (bad or missing) and all(o == "error" for _, _, o, _ in bad):
             attrs["type"] = "error"
         result = ET.SubElement(merged, tag, attrs)
         result.text = "\n".join(texts)

@@ -1,13 +1,16 @@
-"""Cluster mode: two torchrun agents on loopback form a 2-node world; rank 0 merges."""
+"""Cluster mode: two torchrun agents form a 2-node world; rank 0 merges.
 
-import os
+Each torchrun test runs twice: on loopback (agents that play two hosts by name) and across
+two namespace hosts (own hostnames, addresses and network stacks; conftest.py), where
+``{host}`` comes from the real hostname and the rendezvous crosses a network.
+"""
+
 import socket
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
+
+from support.torchrun_hosts import start_agents, start_loopback_agents, start_standalone
 
 TESTS = """
 import pytest, torch
@@ -32,8 +35,6 @@ def test_fails_on_one_rank(rank):
     assert rank == 0, f"rank {rank} disagrees"
 """
 
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -41,65 +42,50 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_torchrun_agents_produce_one_merged_report(tmp_path):
+@pytest.fixture(params=["loopback", "netns"])
+def two_hosts(request):
+    """start(cwd, pytest args) -> Agents on two hosts; .names: the hosts' names."""
+    if request.param == "loopback":
+        names = ["node0", "node1"]
+
+        def start(cwd, args):
+            return start_loopback_agents(names, cwd, args, _free_port())
+
+    else:
+        hosts = request.getfixturevalue("make_hosts")(["alpha", "beta"])
+        names = [h.name for h in hosts]
+
+        def start(cwd, args):
+            return start_agents(list(hosts), cwd, args)
+
+    start.names = names
+    return start
+
+
+def test_two_torchrun_agents_produce_one_merged_report(tmp_path, two_hosts):
     (tmp_path / "test_world.py").write_text(TESTS)
-    port = _free_port()
-    agents, logs = [], []
-    for node in (0, 1):
-        env = dict(os.environ, GPUCONFORM_HOST=f"node{node}")
-        logs.append(open(tmp_path / f"agent{node}.log", "w+"))
-        agents.append(
-            subprocess.Popen(
-                [
-                    TORCHRUN,
-                    "--nnodes",
-                    "2",
-                    "--nproc-per-node",
-                    "1",
-                    "--node-rank",
-                    str(node),
-                    "--rdzv-backend",
-                    "c10d",
-                    "--rdzv-endpoint",
-                    f"127.0.0.1:{port}",
-                    "--rdzv-id",
-                    "gpuconform-test",
-                    "-m",
-                    "pytest",
-                    "--gpuconform",
-                    "-p",
-                    "no:cacheprovider",
-                    "test_world.py",
-                    "--junitxml",
-                    "reports/junit-{host}-r{rank}.xml",
-                ],
-                cwd=tmp_path,
-                env=env,
-                stdout=logs[-1],
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    for agent in agents:  # output goes to files: two agents writing to pipes read in turn could block
-        agent.wait(timeout=240)
-    outputs = [(log.seek(0), log.read())[1] for log in logs]
+    agents = two_hosts(tmp_path, ["test_world.py", "--junitxml", "reports/junit-{host}-r{rank}.xml"])
+    agents.wait(240)
     codes = [agent.returncode for agent in agents]
-    assert codes == [1, 1], "\n".join(o[-2000:] for o in outputs)  # one test fails on one rank
-    per_rank = sorted(p.name for p in (tmp_path / "reports").glob("junit-node*.xml"))
+    assert codes == [1, 1], agents.outputs()  # one test fails on one rank
+    per_rank = sorted(p.name for p in (tmp_path / "reports").glob("junit-*-r*.xml"))
+    hosts = sorted(two_hosts.names)
     assert len(per_rank) == 2 and {"r0", "r1"} == {p.split("-")[-1][:2] for p in per_rank}, per_rank
+    assert sorted(p.split("-")[1] for p in per_rank) == hosts, per_rank  # {host}: each host's own name
 
     root = ET.parse(tmp_path / "reports" / "junit-cluster.xml").getroot()
     suite = root.find("testsuite")
     cases = {c.get("name"): c for c in suite.iter("testcase")}
     assert (suite.get("tests"), suite.get("failures")) == (str(len(cases)), "1")
     ranks_prop = {p.get("name"): p.get("value") for p in suite.find("properties")}["gpuconform.cluster_ranks"]
-    assert sorted(ranks_prop.split()) in (["node0/r0", "node1/r1"], ["node0/r1", "node1/r0"])
+    a, b = hosts
+    assert sorted(ranks_prop.split()) in ([f"{a}/r0", f"{b}/r1"], [f"{a}/r1", f"{b}/r0"])
 
     passed = cases["test_world_all_reduce[ws2-cpu]"]
     props = {p.get("name"): p.get("value") for p in passed.find("properties")}
     assert props["sum"] == "3.0" and sorted(props["ranks"].split()) in (
-        ["node0/r0:passed", "node1/r1:passed"],
-        ["node0/r1:passed", "node1/r0:passed"],
+        [f"{a}/r0:passed", f"{b}/r1:passed"],
+        [f"{a}/r1:passed", f"{b}/r0:passed"],
     )
     assert (
         cases["test_bigger_than_world[ws4-cpu]"]
@@ -224,47 +210,43 @@ def test_e_after_destroy(rank):
 """
 
 
-def test_cluster_hang_and_early_failure_stay_in_their_own_test(tmp_path):
+@pytest.fixture(params=["standalone", "netns"])
+def hang_world(request):
+    """start(cwd, pytest args) -> Agents: two ranks under one agent, or one on each of two hosts."""
+    if request.param == "standalone":
+        return lambda cwd, args: start_standalone(cwd, args, 2, _free_port())
+    hosts = request.getfixturevalue("make_hosts")(["alpha", "beta"])
+    return lambda cwd, args: start_agents(list(hosts), cwd, args)
+
+
+def test_cluster_hang_and_early_failure_stay_in_their_own_test(tmp_path, hang_world, record_property):
+    """A Python hang (rank 0 sleeps) is cut by SIGALRM at its 3 s deadline; a C-level hang
+    (rank 1 blocked in all_reduce after rank 0 failed before its own) is cut by the
+    watchdog at the 5 s deadline, not at the process group's timeout (35 s); the next test
+    pairs its collectives correctly on rebuilt groups."""
     (tmp_path / "test_hangs.py").write_text(HANGS)
-    port = _free_port()
-    log = open(tmp_path / "torchrun.log", "w+")
-    run = subprocess.run(
-        [
-            TORCHRUN,
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "pytest",
-            "--gpuconform",
-            "-p",
-            "no:cacheprovider",
-            "test_hangs.py",
-            "-k",
-            "cpu",
-            "--gpuconform-timeout",
-            "5",
-            "--junitxml",
-            "reports/junit-{host}-r{rank}.xml",
-        ],
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=240,
-        env=dict(os.environ, MASTER_PORT=str(port)),
-    )
-    log.seek(0)
-    output = log.read()
-    assert run.returncode != 0, output[-3000:]
-    cases = {c.get("name"): c for c in ET.parse(tmp_path / "reports" / "junit-cluster.xml").getroot().iter("testcase")}
+    args = ["test_hangs.py", "-k", "cpu", "--gpuconform-timeout", "5", "--junitxml", "reports/junit-{host}-r{rank}.xml"]
+    agents = hang_world(tmp_path, args)
+    agents.wait(120)
+    output = agents.outputs()
+    assert all(a.returncode not in (0, None) for a in agents), output
+    root = ET.parse(tmp_path / "reports" / "junit-cluster.xml").getroot()
+    cases = {c.get("name"): c for c in root.iter("testcase")}
     hang = cases["test_a_python_hang[ws2-cpu]"].find("failure")
     assert hang is not None and "timed out after 3 s" in hang.get("message") and "rank 0" in hang.get("message")
-    assert cases["test_b_rank0_fails_early[ws2-cpu]"].find("failure") is not None
-    assert cases["test_c_next_test_still_pairs_correctly[ws2-cpu]"].find("failure") is None, output[-4000:]
+    blocked = cases["test_b_rank0_fails_early[ws2-cpu]"].find("failure")
+    assert blocked is not None and "timed out after 5 s" in blocked.get("message"), blocked.get("message")
+    assert "rank 1, blocked inside a C-level call" in blocked.get("message"), blocked.get("message")
+    assert cases["test_c_next_test_still_pairs_correctly[ws2-cpu]"].find("failure") is None, output
+    # Cut at the deadline, not later: the case's time is its slowest rank's.
+    times = {name: float(case.get("time")) for name, case in cases.items()}
+    record_property("python_hang_seconds", times["test_a_python_hang[ws2-cpu]"])
+    record_property("c_level_hang_seconds", times["test_b_rank0_fails_early[ws2-cpu]"])
+    assert 3.0 <= times["test_a_python_hang[ws2-cpu]"] < 3.0 + 2.0, times
+    assert 5.0 <= times["test_b_rank0_fails_early[ws2-cpu]"] < 5.0 + 2.0, times
     # the same rank-side isolation as the engine's: a ported body works, the group is rebuilt
-    assert cases["test_d_ported_body[ws2-cpu]"].find("failure") is None, output[-4000:]
-    assert cases["test_e_after_destroy[ws2-cpu]"].find("failure") is None, output[-4000:]
+    assert cases["test_d_ported_body[ws2-cpu]"].find("failure") is None, output
+    assert cases["test_e_after_destroy[ws2-cpu]"].find("failure") is None, output
     rank_file = ET.parse(next((tmp_path / "reports").glob("junit-*-r0.xml"))).getroot()
     ported = next(c for c in rank_file.iter("testcase") if c.get("name") == "test_d_ported_body[ws2-cpu]")
     notes = {p.get("name"): p.get("value") for p in ported.iter("property")}

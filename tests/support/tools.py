@@ -25,10 +25,13 @@ def require_tool(name: str, debian_package: str) -> str:
     pytest.skip(message)
 
 
-def schema_errors(path: Path) -> str:
-    """xmllint's complaints about a JUnit file against the project's schema ('' when valid)."""
+def schema_errors(*paths: Path) -> str:
+    """xmllint's complaints about JUnit files against the project's schema ('' when all are valid)."""
     xmllint = require_tool("xmllint", "libxml2-utils")
     done = subprocess.run(
-        [xmllint, "--noout", "--schema", str(JUNIT_SCHEMA), str(path)], capture_output=True, text=True, timeout=60
+        [xmllint, "--noout", "--schema", str(JUNIT_SCHEMA), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return "" if done.returncode == 0 else done.stderr
