@@ -108,7 +108,7 @@ def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed, reasons: dict
             first_line = (element.get("message") or "").splitlines()[:1]
             lines.append(f"{outcome} on host {host} rank {rank}: {first_line[0] if first_line else ''}")
             texts.append(f"--- host {host} rank {rank} ---\n{element.text or ''}")
-        for host, rank in missing:  # issue 14: an error, with the reason where faults.py knows it
+        for host, rank in missing:  # an error, with the reason where faults.py knows it
             lines.append(
                 f"no report from host {host} rank {rank}: {reasons.get(rank, 'rank crashed or its report is missing')}"
             )

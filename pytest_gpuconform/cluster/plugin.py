@@ -72,7 +72,7 @@ class ClusterMode:
         self._multi_rank_test: str | None = None
         settings = config.stash.get(SETTINGS_KEY, None)
         self.strict_isolation = bool(settings and settings.strict_isolation)
-        # issue 14 hook: hangs in C, lost hosts and partitions are handled in faults.py
+        # hangs in C, lost hosts and partitions: faults.py
         self.faults = ClusterFaults(self)
         config.pluginmanager.register(self.faults, ClusterFaults.PLUGIN_NAME)
 
@@ -112,7 +112,9 @@ class ClusterMode:
         """Gather every rank's JUnit file; fail this rank if another one failed; rank 0
         writes the merged file."""
         xmlpath = getattr(self.config.option, "xmlpath", None)
-        reports, missing = self.faults.reports(self.gather_reports, xmlpath)  # issue 14 hook: bounded, salvaged
+        reports, missing = self.faults.reports(
+            self.gather_reports, xmlpath
+        )  # bounded in time; a lost rank's report salvaged through the store
         if not any(text for _, _, text in reports):
             return
         merged = fold.merge(reports, missing)
@@ -214,7 +216,7 @@ class ClusterMode:
         of inheriting the wreck. A default group the test destroyed or replaced is rebuilt
         the same way. What the test left behind is reported on it."""
         result = yield
-        if not self._is_multi_rank(item) or self.faults.lost:  # issue 14 hook: no exchange with a broken world
+        if not self._is_multi_rank(item) or self.faults.lost:  # no exchange with a broken world
             return result
         found = self.boundary.end() if self.boundary is not None else []
         state = self.group.state()
@@ -279,7 +281,7 @@ class ClusterMode:
         import torch.distributed as dist
 
         # Reports and outcomes travel over gloo even on NCCL clusters: no GPU, no stream.
-        with self.faults.protect():  # issue 14 hook: a deadline's cut never takes these connections
+        with self.faults.protect():  # a deadline's cut never takes these connections
             self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(300.0, self.timeout * 2)))
 
     def _rebuild_process_groups(self) -> None:

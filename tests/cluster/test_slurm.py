@@ -173,7 +173,7 @@ def test_time_limit_ends_the_job(slurm, time_limited_jobs, record_property, run)
 XDIST_SIGTERM = (
     "under -n auto (the template's default) the xdist controller writes, on SIGTERM, a nameless "
     '<testcase time="0.000"/> for the test in flight (schema-invalid) and counts it passed; '
-    "issue 11's SIGTERM handling covers the run without xdist"
+    "the engine's SIGTERM handling covers the run without xdist"
 )
 
 

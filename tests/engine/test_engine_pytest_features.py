@@ -231,7 +231,7 @@ def test_a_silent_crash_says_no_output(features):
 
 def test_start_up_is_reported_apart_from_the_test(features):
     """The test after a failure starts new ranks: their start-up is a line of its own, and each
-    rank's line gives the phases' own times (issue 17: a trivial body is not 'passed (2.45 s)')."""
+    rank's line gives the phases' own times (a trivial body is not 'passed (2.45 s)' for the ranks' start-up)."""
     _, _, text = features.outcome("test_i_unprintable_exception[ws2-cpu]")
     assert re.search(r"start-up \(before the test, not in its phases\): ranks ready in \d+\.\d\d s", text), text
     assert re.search(r"rank 1: failed: test_features.Unprintable: .* \(setup 0\.\d\d s, call 0\.\d\d s", text), text

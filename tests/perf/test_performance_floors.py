@@ -39,7 +39,7 @@ def test_shipped_floors_use_measured_figures_where_published_and_datasheet_peaks
     )
 
 
-# What each added model's floors are, and on which basis (issue 16: H200, B200, GB200, L40S,
+# What each added model's floors are, and on which basis (H200, B200, GB200, L40S,
 # A10G, H100 PCIe/NVL); NVLink-bridge and PCIe boards have no all_reduce floor.
 ADDED_MODELS = {
     "NVIDIA H200": ({"bf16": 0.7 * 770.0, "fp16": 494.7, "tf32": 247.35, "fp32": 33.5}, 135.0),
@@ -66,7 +66,7 @@ def test_added_models_have_floors_with_a_basis(name):
 
 
 def test_the_h200_reference_measurement_clears_every_h200_floor_by_its_margin():
-    """bf16 8192^3 on an H200 measured 770-800 TFLOP/s (issue 16); the floor is 0.7 of the
+    """bf16 8192^3 on an H200 measured 770-800 TFLOP/s (torch 2.11, CUDA 13); the floor is 0.7 of the
     low end, so a healthy board clears it by 30% and one at two thirds of its speed fails."""
     floor = floors.load().lookup("NVIDIA H200").gemm_tflops["bf16"]
     assert 770 / floor == pytest.approx(1 / 0.7) and 770 * 0.66 < floor
