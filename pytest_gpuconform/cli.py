@@ -39,6 +39,8 @@ def _verdict(args: argparse.Namespace) -> int:
             check = next((i for i, code in enumerate(node.outcomes) if code >= FAILED), None)
             if check is not None:
                 print(f"{node.label}\t{fleet.checks[check].display}\t{fleet.reason(node, check)}")
+        elif args.kind:
+            print(f"{result.node.label}\t{result.verdict.kind}")
         else:
             print(f"{result.node.label}: {result.verdict.text()}")
     return 1 if any(result.verdict.kind == "failed" for result in results) else 0
@@ -69,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-failure",
         action="store_true",
         help="print '<host> TAB <check> TAB <reason>' of each failed node (for scripts)",
+    )
+    verdict.add_argument(
+        "--kind",
+        action="store_true",
+        help="print '<host> TAB <kind>' per node, kind one of passed, failed, cpu (passed as a CPU node), "
+        "nothing (not verified: no check ran, or none on a GPU); for scripts that label nodes",
     )
     verdict.set_defaults(func=_verdict)
     return parser

@@ -153,8 +153,11 @@ path = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--junitxml="))
 path = path.replace("{{host}}", host).replace("{{rank}}", os.environ.get("RANK", "0"))
 failed = host in os.environ.get("FAKE_PYTEST_FAIL", "").split()
 result = '<failure message="busbw 12.0 &lt; floor 200 GB/s">trace</failure>' if failed else ""
+text = {FAKE_JUNIT!r}.format(host=host, failures=int(failed), result=result)
+if host in os.environ.get("FAKE_PYTEST_NO_GPU", "").split():  # its checks ran, none on a GPU
+    text = text.replace('<property name="device" value="cuda" />', '')
 with open(path, "w") as out:
-    out.write({FAKE_JUNIT!r}.format(host=host, failures=int(failed), result=result))
+    out.write(text)
 sys.exit(1 if failed else 0)
 """
 
@@ -374,8 +377,11 @@ def test_torchrun_script_fails_when_a_rank_is_missing(tmp_path, stand_ins):
     }
 
 
-@pytest.mark.parametrize("action, failing", [("label", True), ("taint", True), ("taint", False), ("", True)])
+@pytest.mark.parametrize(
+    "action, failing", [("label", True), ("taint", True), ("taint", False), ("", True), ("label", None)]
+)
 def test_kubernetes_pod_labels_or_taints_its_node_when_asked(tmp_path, stand_ins, action, failing):
+    """failing None: every check passed, none on a GPU: exit 0, but the node is not verified."""
     (script,) = kubernetes_documents()["Job"]["spec"]["template"]["spec"]["containers"][0]["args"]
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -383,13 +389,27 @@ def test_kubernetes_pod_labels_or_taints_its_node_when_asked(tmp_path, stand_ins
     env = stand_ins.env(NODE_NAME="gpu-node-5", GPUCONFORM_HOST="gpu-node-5", GPUCONFORM_NODE_ACTION=action)
     if failing:
         env["FAKE_PYTEST_FAIL"] = "gpu-node-5"
+    elif failing is None:
+        env["FAKE_PYTEST_NO_GPU"] = "gpu-node-5"
     # `gpuconform inventory` is real; stand-ins for pip, pytest and kubectl.
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == (1 if failing else 0), result.stderr
     calls = [args for _, args in stand_ins.calls("kubectl")]
-    verdict = "failed" if failing else "passed"
+    verdict = {True: "failed", False: "passed", None: "not-verified"}[failing]
     if not action:
         assert calls == []
+        return
+    if failing is None:
+        assert calls == [
+            ["label", "node", "gpu-node-5", "gpuconform.io/verdict=not-verified", "--overwrite"],
+            [
+                "annotate",
+                "node",
+                "gpu-node-5",
+                "gpuconform.io/first-failure=not verified: no check ran on a GPU",
+                "--overwrite",
+            ],
+        ]
         return
     expected = [["label", "node", "gpu-node-5", f"gpuconform.io/verdict={verdict}", "--overwrite"]]
     if failing:
