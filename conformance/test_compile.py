@@ -16,9 +16,9 @@ runs and trains wrong, so the generated code is checked against eager on this no
 
 Compilation must really happen: dynamo must capture a graph and inductor compile forward
 and backward (its FX-graph cache counters), without graph breaks where ``fullgraph=True``.
-Every run compiles from scratch into a cache directory of its own (shared by the
-controller and the ranks, so the C++ precompiled header is built once), because a warm
-cache from an earlier run would skip the compiler this check is about. Compilation is the
+Every run compiles from scratch into a cache directory of its own (one per process: each
+rank runs the session fixture itself, under its own base temporary directory), because a
+warm cache from an earlier run would skip the compiler this check is about. Compilation is the
 cost of this module (seconds per graph on two CPU cores); each test records its
 ``compile_seconds``.
 """
@@ -53,7 +53,7 @@ STEPS = 2
 
 @pytest.fixture(scope="session")
 def inductor_cache_dir(tmp_path_factory) -> str:
-    """A fresh inductor cache for this run (a path: it travels to the ranks)."""
+    """A fresh inductor cache for this run, one per process (every rank makes its own)."""
     return str(tmp_path_factory.mktemp("inductor_cache"))
 
 

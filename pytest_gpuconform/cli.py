@@ -46,6 +46,37 @@ def _verdict(args: argparse.Namespace) -> int:
     return 1 if any(result.verdict.kind == "failed" for result in results) else 0
 
 
+def _add_merge(commands) -> None:
+    from .reporting import merge
+
+    parser = commands.add_parser(
+        "merge",
+        help="merge JUnit reports of many nodes / ranks into one (host in suite and classname)",
+        description="Merge per-node / per-rank JUnit XML files into one report in which the same "
+        "test from several nodes stays distinguishable. Exit 2 on a missing, empty or corrupt "
+        "input or an output that cannot be written; nothing is written then.",
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (pytest --junitxml)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="merged JUnit XML to write")
+    parser.set_defaults(func=lambda args: merge.run(args.files, args.output))
+
+
+def _add_report(commands) -> None:
+    from .reporting import html
+
+    parser = commands.add_parser(
+        "report",
+        help="write one self-contained HTML page (verdict, failures by cause, outliers, distributions)",
+        description="Render JUnit XML files (per node, or merged) as one self-contained HTML page. "
+        "Exit 2 on a missing, empty or corrupt input or an output that cannot be written; "
+        "nothing is written then.",
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (raw or merged)")
+    parser.add_argument("-o", "--output", required=True, metavar="HTML", help="page to write")
+    parser.add_argument("--title", default="GPU conformance report", help="page title")
+    parser.set_defaults(func=lambda args: html.run(args.files, args.output, args.title))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpuconform",
@@ -55,10 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv = commands.add_parser("inventory", help="print this node's inventory (versions, driver, GPUs) as JSON")
     inv.add_argument("-o", "--output", default="-", help="write the JSON to this file (default: stdout)")
     inv.set_defaults(func=_inventory)
-    from .reporting import html, merge
-
-    merge.add_command(commands)
-    html.add_command(commands)
+    _add_merge(commands)
+    _add_report(commands)
     verdict = commands.add_parser(
         "verdict",
         help="print each node's verdict in one line (exit 1 when a node failed)",

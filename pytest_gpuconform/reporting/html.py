@@ -241,18 +241,3 @@ def run(paths: list[str], output: str, title: str) -> str:
         f"{verdict.headline()}; {totals['passed']} passed, {totals['failed']} failed, "
         f"{totals['error']} errors, {totals['skipped']} skipped -> {output} ({len(html.encode()) / 1e6:.1f} MB)"
     )
-
-
-def add_command(commands) -> None:
-    """Register ``gpuconform report`` on the CLI's subparsers (cli.py)."""
-    parser = commands.add_parser(
-        "report",
-        help="write one self-contained HTML page (verdict, failures by cause, outliers, distributions)",
-        description="Render JUnit XML files (per node, or merged) as one self-contained HTML page. "
-        "Exit 2 on a missing, empty or corrupt input or an output that cannot be written; "
-        "nothing is written then.",
-    )
-    parser.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (raw or merged)")
-    parser.add_argument("-o", "--output", required=True, metavar="HTML", help="page to write")
-    parser.add_argument("--title", default="GPU conformance report", help="page title")
-    parser.set_defaults(func=lambda args: run(args.files, args.output, args.title))

@@ -169,17 +169,3 @@ def run(paths: list[str], output: str) -> str:
         f"merged {len(paths)} file(s), {nodes} node(s), {totals['tests']} tests "
         f"({bad} failed or errored, {totals['skipped']} skipped) into {output}"
     )
-
-
-def add_command(commands) -> None:
-    """Register ``gpuconform merge`` on the CLI's subparsers (cli.py)."""
-    parser = commands.add_parser(
-        "merge",
-        help="merge JUnit reports of many nodes / ranks into one (host in suite and classname)",
-        description="Merge per-node / per-rank JUnit XML files into one report in which the same "
-        "test from several nodes stays distinguishable. Exit 2 on a missing, empty or corrupt "
-        "input or an output that cannot be written; nothing is written then.",
-    )
-    parser.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (pytest --junitxml)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="merged JUnit XML to write")
-    parser.set_defaults(func=lambda args: run(args.files, args.output))

@@ -29,13 +29,47 @@ def test_shipped_suite_imports_plugin_code_only_through_the_public_api():
     assert not offenders, "\n".join(offenders)
 
 
-def test_readme_example_runs(pytester):
+def _readme_example() -> str:
     readme = (support.ROOT / "README.md").read_text()
     section = readme[readme.index("## Writing your own checks") :]
-    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    pytester.makepyfile(test_readme_example=example)
-    result = pytester.runpytest_subprocess(
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def _run_example(pytester):
+    pytester.makepyfile(test_readme_example=_readme_example())
+    return pytester.runpytest_subprocess(
         "--gpuconform", "-p", "no:cacheprovider", ".", "-k", "cpu", "--gpuconform-cpu-ranks", "2"
     )
+
+
+def test_readme_example_runs(pytester):
+    result = _run_example(pytester)
     result.assert_outcomes(passed=1, skipped=1)  # ws4 skips where the node hosts 2 ranks, saying why
     result.stdout.fnmatch_lines(["*wrong_elements=0<=0*"])
+
+
+# A broken all_reduce in the ranks: rank 1 gets one element wrong (an autouse fixture runs in
+# every rank, as any fixture of a multi-rank test does).
+BROKEN_ALL_REDUCE = """
+import pytest
+import torch.distributed as dist
+
+@pytest.fixture(autouse=True)
+def one_wrong_element_on_rank_1(monkeypatch, rank):
+    real = dist.all_reduce
+    def broken(tensor, *args, **kwargs):
+        work = real(tensor, *args, **kwargs)
+        if rank == 1:
+            tensor.view(-1)[7] += 1
+        return work
+    monkeypatch.setattr(dist, "all_reduce", broken)
+"""
+
+
+def test_readme_example_fails_on_every_rank_naming_the_wrong_one(pytester):
+    pytester.makeconftest(BROKEN_ALL_REDUCE)
+    result = _run_example(pytester)
+    result.assert_outcomes(failed=1, skipped=1)
+    out = result.stdout.str()
+    assert "all_reduce on rank 1" in out and "all_reduce on rank 0" not in out
+    result.stdout.fnmatch_lines(["*wrong_elements=1>0!*"])  # the worst rank's count, past its bound

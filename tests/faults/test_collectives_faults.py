@@ -137,6 +137,17 @@ def _lost(tensor, src=None, *args, **kwargs):
 dist.broadcast = _lost
 """
     + RE_EXPORT.format(name="test_broadcast"),
+    # A gloo build that refuses floating AVG (torch 2.6+ has it): a broken stack, not a skip.
+    "test_fault_allreduce_avg_refused": """
+import torch.distributed as dist
+_real = dist.all_reduce
+def _refuses_avg(tensor, op=dist.ReduceOp.SUM, *args, **kwargs):
+    if op == dist.ReduceOp.AVG:
+        raise RuntimeError("Cannot use ReduceOp.AVG with Gloo")
+    return _real(tensor, op, *args, **kwargs)
+dist.all_reduce = _refuses_avg
+"""
+    + RE_EXPORT.format(name="test_all_reduce"),
     "test_clean_collectives": RE_EXPORT.format(name="test_all_reduce"),
 }
 
@@ -146,6 +157,7 @@ SELECTION = [
     "test_fault_allreduce_async_early.py::test_all_reduce[ws2-cpu-bf16-max]",
     "test_fault_allreduce_wrong_op.py::test_all_reduce[ws2-cpu-int32-bxor]",
     "test_fault_allreduce_int64_as_double.py::test_all_reduce[ws2-cpu-int64-sum]",
+    "test_fault_allreduce_avg_refused.py::test_all_reduce[ws2-cpu-fp32-avg]",
     "test_fault_allgather_order.py::test_all_gather[ws2-cpu-fp32]",
     "test_fault_allgather_list_reversed.py::test_all_gather[ws2-cpu-uint8]",
     "test_fault_reducescatter_tail.py::test_reduce_scatter[ws2-cpu-fp16]",
@@ -209,6 +221,12 @@ def test_int64_reduced_in_double_precision_is_caught(cases):
         "expected ",
         "(bound: exact)",
     )
+
+
+def test_gloo_refusing_floating_average_fails_instead_of_skipping(cases):
+    case = cases["test_fault_allreduce_avg_refused::test_all_reduce[ws2-cpu-fp32-avg]"]
+    assert case.outcome == "failed", (case.outcome, case.text[:1500])
+    assert "Cannot use ReduceOp.AVG with Gloo" in case.text
 
 
 def test_all_gather_block_order_is_caught(cases):
