@@ -10,9 +10,9 @@ checkpointing in the same process, stay within twice the analytic ratio.
 
 from __future__ import annotations
 
-from pytest_gpuconform.checks import bitwise_reproducible, gather_float, mismatch, raise_if_any
+from pytest_gpuconform.checks import bitwise_reproducible, gather_float, mismatch, raise_if_any, summarize_problems
 
-from ._sharded import local, summary
+from ._sharded import local
 from ._transformer import BLOCKS, KEPT_UNITS, lm_loss
 
 TAIL_UNITS = 2  # final norm output and head output, kept with and without checkpointing
@@ -53,4 +53,4 @@ def check_checkpointing_composes(
             f"checkpointed model keeps {kept[True]} B after forward vs {kept[False]} B without: "
             f"ratio {ratio:.3g} > bound {bound:.3g}"
         )
-    raise_if_any(summary(problems), rank, world_size, check)
+    raise_if_any(summarize_problems(problems), rank, world_size, check)

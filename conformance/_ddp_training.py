@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from pytest_gpuconform.checks import WithinTolerance, gather_float, raise_if_any, same_on_all_ranks, true_fp32
+from pytest_gpuconform.checks import WithinTolerance, gather_float, same_on_all_ranks, true_fp32
 
 from ._dist_models import FEATURES, OUTPUTS, CheckpointableMLP, global_batches, rank_slice, seeded_model
 
@@ -114,16 +114,6 @@ PROBLEM_KINDS = (
     "vs single process",
     "bitwise equal to rank 0",
 )
-
-
-def verdict(problems: list[str], rank, world_size, check: str) -> None:
-    first_of_kind: dict[str, str] = {}
-    for problem in problems:
-        first_of_kind.setdefault(next((k for k in PROBLEM_KINDS if k in problem), ""), problem)
-    shown = list(first_of_kind.values())
-    if len(problems) > len(shown):
-        shown.append(f"(+{len(problems) - len(shown)} more)")
-    raise_if_any("; ".join(shown) or None, rank, world_size, check)
 
 
 def fp32_judge(tolerance) -> WithinTolerance:

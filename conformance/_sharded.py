@@ -64,11 +64,3 @@ def full_tensors(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
     """Clones of a plain model's parameters or gradients, by name."""
     tensors = ((n, p if kind == "param" else p.grad) for n, p in model.named_parameters())
     return {n: t.detach().clone() for n, t in tensors if t is not None}
-
-
-def summary(problems: list[str], shown: int = 3) -> str | None:
-    """The first few problems in one line, and how many more there were."""
-    if not problems:
-        return None
-    text = "; ".join(problems[:shown])
-    return text + (f" (+{len(problems) - shown} more)" if len(problems) > shown else "")

@@ -38,12 +38,13 @@ from pytest_gpuconform.checks import (
     raise_if_any,
     relative_l2,
     same_on_all_ranks,
+    summarize_problems,
     too_far,
     true_fp32,
 )
 
 from ._dist_models import rank_slice
-from ._sharded import compare_sharded, full_tensors, summary
+from ._sharded import compare_sharded, full_tensors
 from ._transformer import SEQ, WIDTH, Block, FeedForwardStack, lm_batches, lm_loss, seeded
 
 BATCH = 2
@@ -246,7 +247,7 @@ def test_compiled_model_under_ddp(rank, world_size, device, tolerance, record, i
     record("compile_seconds", max(gather_float(seconds, world_size)))
     record("tolerance_used", max(gather_float(judge.used, world_size)))
     record("tolerance_used_bound", 1.0)
-    raise_if_any(summary(problems), rank, world_size, "compiled DDP vs eager single process")
+    raise_if_any(summarize_problems(problems), rank, world_size, "compiled DDP vs eager single process")
 
 
 @pytest.mark.world_size(2)
@@ -278,4 +279,4 @@ def test_compiled_model_under_fsdp2(rank, world_size, device, tolerance, record,
     record("compile_seconds", max(gather_float(seconds, world_size)))
     record("tolerance_used", max(gather_float(judge.used, world_size)))
     record("tolerance_used_bound", 1.0)
-    raise_if_any(summary(problems), rank, world_size, "compiled layers under FSDP2 vs eager single process")
+    raise_if_any(summarize_problems(problems), rank, world_size, "compiled layers under FSDP2 vs eager single process")

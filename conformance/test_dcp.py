@@ -27,10 +27,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pytest_gpuconform.checks import gather_float, gather_text, mismatch, raise_if_any
+from pytest_gpuconform.checks import gather_float, gather_text, mismatch, raise_if_any, summarize_problems
 
 from ._dist_models import rank_slice
-from ._sharded import expected_local, local, summary
+from ._sharded import expected_local, local
 from ._transformer import TinyLM, lm_batches, lm_loss, seeded
 
 STEPS = 2
@@ -179,7 +179,7 @@ def test_dcp_sharded_roundtrip_bitwise(rank, world_size, device, tmp_path, recor
         if (found := mismatch(local(p), after[n], f"param {n!r} one step after the load vs without restart"))
     ]
     _record_comparison(record, saved, problems, world_size)
-    raise_if_any(summary(problems), rank, world_size, f"DCP save/load at world size {world_size}")
+    raise_if_any(summarize_problems(problems), rank, world_size, f"DCP save/load at world size {world_size}")
 
 
 @pytest.mark.world_size(2)
@@ -201,7 +201,7 @@ def test_dcp_sharded_checkpoint_loads_in_one_process(rank, world_size, device, t
         problems = _differences(_flat(_state(plain, plain_optimizer)), full, f"world size {world_size} -> 1")
     dist.barrier()
     _record_comparison(record, full, problems, world_size)
-    raise_if_any(summary(problems), rank, world_size, f"DCP saved at world size {world_size}, loaded at 1")
+    raise_if_any(summarize_problems(problems), rank, world_size, f"DCP saved at world size {world_size}, loaded at 1")
 
 
 @pytest.mark.world_size(2)
@@ -228,4 +228,4 @@ def test_dcp_single_process_checkpoint_loads_sharded(rank, world_size, device, t
         expected=lambda name, value: expected_local(value, layout[name]) if name in layout else value,
     )
     _record_comparison(record, full, problems, world_size)
-    raise_if_any(summary(problems), rank, world_size, f"DCP saved at world size 1, loaded at {world_size}")
+    raise_if_any(summarize_problems(problems), rank, world_size, f"DCP saved at world size 1, loaded at {world_size}")

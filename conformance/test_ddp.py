@@ -15,10 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from pytest_gpuconform.checks import gather_float, not_close, relative_l2, same_on_all_ranks, too_far, true_fp32
+from pytest_gpuconform.checks import (
+    gather_float,
+    not_close,
+    raise_if_any,
+    relative_l2,
+    same_on_all_ranks,
+    summarize_problems,
+    too_far,
+    true_fp32,
+)
 
 from ._ddp_training import (
     LEARNING_RATE,
+    PROBLEM_KINDS,
     batches,
     compare_with_reference,
     ddp,
@@ -27,7 +37,6 @@ from ._ddp_training import (
     record_tolerance_used,
     slicer,
     train,
-    verdict,
 )
 from ._dist_models import TiedMLP, seeded_model
 
@@ -75,7 +84,7 @@ def test_ddp_matches_single_process(config, rank, world_size, device, tolerance,
                 problems.append(found)
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
     record_tolerance_used(judge, world_size, record)
-    verdict(problems, rank, world_size, f"DDP({config})")
+    raise_if_any(summarize_problems(problems, kinds=PROBLEM_KINDS), rank, world_size, f"DDP({config})")
 
 
 def _grads(module) -> dict:
@@ -122,7 +131,7 @@ def test_ddp_no_sync_accumulates(rank, world_size, device, tolerance, record):
             problems.extend(f for f in (found, across) if f)
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
     record_tolerance_used(judge, world_size, record)
-    verdict(problems, rank, world_size, "DDP no_sync accumulation")
+    raise_if_any(summarize_problems(problems, kinds=PROBLEM_KINDS), rank, world_size, "DDP no_sync accumulation")
 
 
 MAX_NORM = 0.05  # below every step's gradient norm of the check's model: clipping always acts
@@ -159,7 +168,9 @@ def test_ddp_clip_grad_norm(foreach, rank, world_size, device, tolerance, record
     record("total_norm_step1", norms[True][0].item() if norms[True] else float("nan"))
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
     record_tolerance_used(judge, world_size, record)
-    verdict(problems, rank, world_size, f"DDP + clip_grad_norm_(foreach={foreach})")
+    raise_if_any(
+        summarize_problems(problems, kinds=PROBLEM_KINDS), rank, world_size, f"DDP + clip_grad_norm_(foreach={foreach})"
+    )
 
 
 @pytest.mark.world_size(2)
@@ -178,7 +189,7 @@ def test_ddp_with_autocast(dtype, rank, world_size, device, tolerance, record):
     )
     record("max_rel_l2_vs_single_process", max(gather_float(worst[0], world_size)))
     record("bound_rel_l2", tolerance.rel_l2)
-    verdict(problems, rank, world_size, f"DDP + autocast({dtype})")
+    raise_if_any(summarize_problems(problems, kinds=PROBLEM_KINDS), rank, world_size, f"DDP + autocast({dtype})")
 
 
 @pytest.mark.world_size(2)
@@ -193,4 +204,4 @@ def test_ddp_with_checkpointing(recompute, rank, world_size, device, tolerance, 
     )
     record("max_abs_diff_vs_single_process", max(gather_float(largest, world_size)))
     record_tolerance_used(judge, world_size, record)
-    verdict(problems, rank, world_size, f"DDP + checkpoint({recompute})")
+    raise_if_any(summarize_problems(problems, kinds=PROBLEM_KINDS), rank, world_size, f"DDP + checkpoint({recompute})")

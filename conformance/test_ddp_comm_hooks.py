@@ -21,16 +21,9 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from pytest_gpuconform.checks import gather_float, relative_l2, too_far
+from pytest_gpuconform.checks import gather_float, raise_if_any, relative_l2, summarize_problems, too_far
 
-from ._ddp_training import (
-    compare_with_reference,
-    ddp,
-    fp32_judge,
-    model,
-    record_tolerance_used,
-    verdict,
-)
+from ._ddp_training import PROBLEM_KINDS, compare_with_reference, ddp, fp32_judge, model, record_tolerance_used
 from ._dist_models import FEATURES, OUTPUTS, seeded_model
 
 HOOKS = ("allreduce", "fp16", "bf16", "powerSGD")
@@ -122,4 +115,4 @@ def test_ddp_comm_hook(hook, rank, world_size, device, tolerance_table, record):
     if judge.switch_step is not None:
         record("max_rel_l2_vs_uncompressed", max(gather_float(judge.worst_rel_l2, world_size)))
         record("bound_rel_l2", judge.bound)
-    verdict(problems, rank, world_size, f"DDP comm hook {hook}")
+    raise_if_any(summarize_problems(problems, kinds=PROBLEM_KINDS), rank, world_size, f"DDP comm hook {hook}")

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pytest_gpuconform.checks import same_on_all_ranks
+from pytest_gpuconform.checks import raise_if_any, same_on_all_ranks, summarize_problems
 
-from ._ddp_training import LEARNING_RATE, batches, ddp, fp32_judge, model, record_tolerance_used, slicer, verdict
+from ._ddp_training import LEARNING_RATE, PROBLEM_KINDS, batches, ddp, fp32_judge, model, record_tolerance_used, slicer
 from ._dist_models import rank_slice
 
 BASE_BATCHES = 2
@@ -74,4 +74,9 @@ def test_ddp_join_uneven_inputs(divide_by, rank, world_size, device, tolerance, 
         across = same_on_all_ranks(p.detach(), f"param {name!r} after join", rank, world_size)
         problems.extend(f for f in (found, across) if f)
     record_tolerance_used(judge, world_size, record)
-    verdict(problems, rank, world_size, f"DDP join (divide by {divide_by.replace('_', ' ')})")
+    raise_if_any(
+        summarize_problems(problems, kinds=PROBLEM_KINDS),
+        rank,
+        world_size,
+        f"DDP join (divide by {divide_by.replace('_', ' ')})",
+    )

@@ -38,13 +38,14 @@ from pytest_gpuconform.checks import (
     raise_if_any,
     recorded_ops,
     relative_l2,
+    summarize_problems,
     too_far,
     true_fp32,
 )
 
 from ._composed_checkpointing import check_checkpointing_composes, kept_ratio_bound
 from ._dist_models import rank_slice
-from ._sharded import compare_sharded, full_tensors, local, summary
+from ._sharded import compare_sharded, full_tensors, local
 from ._transformer import KEPT_UNITS, lm_batches, lm_loss, tiny_lm
 
 STEPS = 3
@@ -168,7 +169,7 @@ def _fp32_parity(model, device, rank, world_size, tolerance, record, where, **tr
     problems += _loss_problems(losses, judge, world_size)
     record("tolerance_used", max(gather_float(judge.used, world_size)))
     record("tolerance_used_bound", 1.0)
-    raise_if_any(summary(problems), rank, world_size, where)
+    raise_if_any(summarize_problems(problems), rank, world_size, where)
     return norms
 
 
@@ -241,7 +242,8 @@ def test_hsdp_matches_single_process(rank, world_size, device, tolerance, record
     expected = (Replicate(), Shard(0))
     wrong = sorted({f"{name}: {p.placements}" for name, p in model.named_parameters() if p.placements != expected})
     raise_if_any(
-        summary(wrong) and f"parameters not (Replicate(), Shard(0)) on the 2-D mesh: {summary(wrong)}",
+        summarize_problems(wrong)
+        and f"parameters not (Replicate(), Shard(0)) on the 2-D mesh: {summarize_problems(wrong)}",
         rank,
         world_size,
         "HSDP layout",
@@ -381,7 +383,7 @@ def test_fsdp_mixed_precision_matches_reference(dtype, rank, world_size, device,
     record("grad_off_low_precision_grid_fraction_min", NOT_ROUNDED_MIN)
     record("max_rel_l2_vs_reference", max(gather_float(worst[0], world_size)))
     record("bound_rel_l2", tolerance.rel_l2)
-    raise_if_any(summary(problems), rank, world_size, f"FSDP2 MixedPrecisionPolicy(param_dtype={dtype})")
+    raise_if_any(summarize_problems(problems), rank, world_size, f"FSDP2 MixedPrecisionPolicy(param_dtype={dtype})")
 
 
 # -- memory ----------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pytest_gpuconform.checks import same_on_all_ranks, true_fp32
+from pytest_gpuconform.checks import raise_if_any, same_on_all_ranks, summarize_problems, true_fp32
 
-from ._ddp_training import LEARNING_RATE, batches, ddp, fp32_judge, record_tolerance_used, slicer, verdict
+from ._ddp_training import LEARNING_RATE, PROBLEM_KINDS, batches, ddp, fp32_judge, record_tolerance_used, slicer
 from ._dist_models import FEATURES, HIDDEN, OUTPUTS, seeded_model
 
 STEPS = 3
@@ -75,4 +75,6 @@ def test_sync_batchnorm_matches_full_batch(rank, world_size, device, tolerance, 
                 optimizer.zero_grad()
             _compare_state(problems, judge, synced.module, reference, step, rank, world_size)
     record_tolerance_used(judge, world_size, record)
-    verdict(problems, rank, world_size, "SyncBatchNorm vs full-batch BatchNorm")
+    raise_if_any(
+        summarize_problems(problems, kinds=PROBLEM_KINDS), rank, world_size, "SyncBatchNorm vs full-batch BatchNorm"
+    )

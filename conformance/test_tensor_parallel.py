@@ -20,10 +20,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_gpuconform.checks import WithinTolerance, gather_float, mismatch, raise_if_any, true_fp32
+from pytest_gpuconform.checks import (
+    WithinTolerance,
+    gather_float,
+    mismatch,
+    raise_if_any,
+    summarize_problems,
+    true_fp32,
+)
 
 from ._composed_checkpointing import check_checkpointing_composes, kept_ratio_bound
-from ._sharded import compare_sharded, full_tensors, local, summary
+from ._sharded import compare_sharded, full_tensors, local
 from ._transformer import KEPT_UNITS, SEQ, WIDTH, Attention, Block, FeedForward, lm_batches, seeded, tiny_lm
 
 BATCH = 2
@@ -125,7 +132,7 @@ def test_tensor_parallel_matches_single_process(kind, rank, world_size, device, 
         problems.append(f"{kind}: no parameter is sharded after parallelize_module")
     record("tolerance_used", max(gather_float(judge.used, world_size)))
     record("tolerance_used_bound", 1.0)
-    raise_if_any(summary(problems), rank, world_size, f"tensor parallel {kind} vs single process")
+    raise_if_any(summarize_problems(problems), rank, world_size, f"tensor parallel {kind} vs single process")
 
 
 @pytest.mark.world_size(2)
@@ -240,4 +247,4 @@ def test_dtensor_redistribute_exact(transition, rank, world_size, device, record
     record("elements", full.numel())
     record("wrong_elements", max(gather_float(wrong, world_size)))
     record("wrong_elements_max", 0)
-    raise_if_any(summary(problems), rank, world_size, f"DTensor redistribute {source} -> {target}")
+    raise_if_any(summarize_problems(problems), rank, world_size, f"DTensor redistribute {source} -> {target}")

@@ -16,8 +16,9 @@ are not.
   ``bit_patterns``).
 * Bandwidth (``bandwidth``): nccl-tests' algbw / busbw (``measure_bandwidth``, ``bus_factor``).
 * Rank verdicts (``rank_verdicts``): every rank states what it found, all ranks fail
-  together (``raise_if_any``); bitwise agreement with rank 0 (``same_on_all_ranks``);
-  gathering one number or string from every rank (``gather_float``, ``gather_text``).
+  together (``raise_if_any``; ``summarize_problems`` puts many problems in one line);
+  bitwise agreement with rank 0 (``same_on_all_ranks``); gathering one number or string
+  from every rank (``gather_float``, ``gather_text``).
 * CUDA numerics (``numerics``): true fp32 references (``true_fp32``: TF32 off for cuBLAS
   and cuDNN on CUDA, oneDNN held to IEEE fp32 on CPU) and bitwise-reproducible blocks
   (``bitwise_reproducible``: deterministic kernels on CUDA, nothing to do on CPU); pass
@@ -38,7 +39,14 @@ from .exact_tally import ExactTally
 from .integer_data import bit_patterns, exact_integer_bound, integer_values, is_unsigned, value_range
 from .memory import MemoryMeter, MemoryReading
 from .numerics import bitwise_reproducible, true_fp32
-from .rank_verdicts import collective_device, gather_float, gather_text, raise_if_any, same_on_all_ranks
+from .rank_verdicts import (
+    collective_device,
+    gather_float,
+    gather_text,
+    raise_if_any,
+    same_on_all_ranks,
+    summarize_problems,
+)
 
 __all__ = [
     "Bandwidth",
@@ -63,6 +71,7 @@ __all__ = [
     "recorded_ops",
     "relative_l2",
     "same_on_all_ranks",
+    "summarize_problems",
     "structure_mismatch",
     "too_far",
     "true_fp32",

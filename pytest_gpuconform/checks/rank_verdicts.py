@@ -10,10 +10,30 @@ measured value and bound, as the suite's failure messages must be.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
 from .compare import mismatch
+
+
+def summarize_problems(problems: Sequence[str], shown: int = 3, kinds: Sequence[str] = ()) -> str | None:
+    """One line for ``raise_if_any`` from many problems: the first ``shown`` of them, or with
+    ``kinds`` (substrings naming the comparisons a check makes) the first problem of each
+    kind, so that one loud symptom does not hide a second one; then how many more there
+    were. None when there are none."""
+    if not problems:
+        return None
+    if kinds:
+        first_of_kind: dict[str, str] = {}
+        for problem in problems:
+            first_of_kind.setdefault(next((kind for kind in kinds if kind in problem), ""), problem)
+        picked = list(first_of_kind.values())
+    else:
+        picked = list(problems[:shown])
+    more = len(problems) - len(picked)
+    return "; ".join(picked) + (f" (+{more} more)" if more else "")
 
 
 def raise_if_any(problem: str | None, rank: int, world_size: int, check: str) -> None:

@@ -73,3 +73,12 @@ def test_readme_example_fails_on_every_rank_naming_the_wrong_one(pytester):
     out = result.stdout.str()
     assert "all_reduce on rank 1" in out and "all_reduce on rank 0" not in out
     result.stdout.fnmatch_lines(["*wrong_elements=1>0!*"])  # the worst rank's count, past its bound
+
+
+def test_summarize_problems_shows_the_first_few_or_one_of_each_kind():
+    assert checks.summarize_problems([]) is None
+    assert checks.summarize_problems(["a", "b", "c", "d", "e"]) == "a; b; c (+2 more)"
+    assert checks.summarize_problems(["a", "b"], shown=3) == "a; b"
+    grads = [f"grad {i} off" for i in range(4)]
+    found = checks.summarize_problems([*grads, "rank 1 not bitwise equal"], kinds=("grad", "bitwise"))
+    assert found == "grad 0 off; rank 1 not bitwise equal (+3 more)"  # the quiet symptom is not hidden
