@@ -4,6 +4,13 @@ The same test ran in every rank; in the merged file it is one test case that fai
 rank failed, and its message says which host and rank. Each case keeps rank 0's
 properties plus ``ranks``, a one-line account of every rank's outcome. Suite properties
 are rank 0's inventory plus the list of hosts.
+
+The merged case is a ``<failure>`` when some rank's check failed (or the ranks of a
+multi-rank test disagree about skipping: the check itself is wrong), else an ``<error>``
+when some rank errored (setup or teardown) or sent no report, as pytest writes errors: a
+rank that crashed or was lost gave no verdict on the check, so its results are unknown,
+which is what an error says. A failure anywhere wins, because the check's verdict is
+then known to be "failed"; the message lists every rank that went wrong either way.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ def merge(reports: list[tuple[str, int, str]], missing: dict[int, str] | None = 
         total_time += float(merged.get("time", "0") or 0)
         if outcome == "failure":
             counts["failures"] += 1
+        elif outcome == "error":
+            counts["errors"] += 1
         elif outcome == "skipped":
             counts["skipped"] += 1
     for name, value in counts.items():
@@ -101,10 +110,12 @@ def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed, reasons: dict
     disagree = multi_rank and bool(skipped) and (len(skipped) != len(outcomes) or len(skip_reasons) != 1)
     system_out = []
     if bad or missing or disagree:
-        tag = "failure"  # the JUnit schema has no <error>; errors keep type="error"
+        failed_check = disagree or any(o == "failure" for _, _, o, _ in bad)
+        tag = "failure" if failed_check else "error"
         lines, texts = [], []
-        for host, rank, outcome, _ in bad:
-            element = elements[(host, rank)]
+        for host, rank, outcome, case in bad:
+            element = _outcome(case)[1]  # per case: a rank may have two (a failed call, then a teardown error)
+            assert element is not None
             first_line = (element.get("message") or "").splitlines()[:1]
             lines.append(f"{outcome} on host {host} rank {rank}: {first_line[0] if first_line else ''}")
             texts.append(f"--- host {host} rank {rank} ---\n{element.text or ''}")
@@ -114,10 +125,7 @@ def _merge_case(ranked: list[tuple[str, int, ET.Element]], parsed, reasons: dict
             )
         if disagree:
             lines.append("ranks disagree about skipping: " + ", ".join(f"{h}/r{r}:{o}" for h, r, o, _ in outcomes))
-        attrs = {"message": "; ".join(lines)}
-        if (bad or missing) and all(o == "error" for _, _, o, _ in bad):
-            attrs["type"] = "error"
-        result = ET.SubElement(merged, tag, attrs)
+        result = ET.SubElement(merged, tag, {"message": "; ".join(lines)})
         result.text = "\n".join(texts)
         outcome = tag
     elif all(o == "skipped" for _, _, o, _ in outcomes):

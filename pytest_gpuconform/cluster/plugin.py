@@ -32,6 +32,16 @@ from .faults import ClusterFaults
 from .world import MERGED_JUNIT_KEY, ClusterWorld, merged_path
 
 _FAILED_HERE = pytest.StashKey[bool]()
+# What a fixture's teardown raises when it fails (pytest.fail's exception is no Exception);
+# KeyboardInterrupt, SystemExit and pytest.exit pass straight through.
+_TEARDOWN_FAILURES = (Exception, pytest.fail.Exception)
+
+
+def _failed_tests(session: pytest.Session) -> int:
+    """How many tests failed in this rank (at least 1 when its exit status says it failed)."""
+    if session.testsfailed:
+        return int(session.testsfailed)
+    return 0 if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED) else 1
 
 
 def check_rendezvous_environment(world: ClusterWorld) -> None:
@@ -70,6 +80,8 @@ class ClusterMode:
         self.group: Any = None  # engine/rank/groups.py DefaultGroup
         self.boundary: Any = None  # engine/rank/isolation.py TestBoundary, made at the first multi-rank test
         self._multi_rank_test: str | None = None
+        self._boundary_open = False  # begun for a multi-rank test and not yet ended
+        self.failed_elsewhere: list[tuple[str, int, int]] = []  # (host, rank, failed tests) of the others
         settings = config.stash.get(SETTINGS_KEY, None)
         self.strict_isolation = bool(settings and settings.strict_isolation)
         # hangs in C, lost hosts and partitions: faults.py
@@ -93,37 +105,53 @@ class ClusterMode:
 
         return torch.device("cuda", self.world.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
-    def gather_reports(self, own_xml: str | None) -> list[tuple[str, int, str]]:
-        """[(host, rank, xml text)] from every rank, on every rank: each one can then tell
-        whether the cluster failed, so every rank's exit code says so (and torchrun does
-        not leave a passing agent waiting at its exit barrier for a failed one)."""
+    def gather_reports(self, own_xml: str | None, session: pytest.Session) -> list[tuple[str, int, str]]:
+        """[(host, rank, xml text)] from every rank, on every rank, and each rank's own
+        verdict (``self.failed_elsewhere``): every rank can then tell whether the cluster
+        failed, so every rank's exit code says so (and torchrun does not leave a passing
+        agent waiting at its exit barrier for a failed one). The verdicts travel beside the
+        reports, so this holds without --junitxml too."""
         import torch.distributed as dist
 
         text = ""
         if own_xml and os.path.exists(own_xml):
             with open(own_xml, encoding="utf-8") as handle:
                 text = handle.read()
+        mine = (self.world.host, self.world.rank, text, _failed_tests(session))
         gathered: list[Any] = [None] * self.world.world_size
-        dist.all_gather_object(gathered, (self.world.host, self.world.rank, text), group=self.control)
-        return list(gathered)
+        dist.all_gather_object(gathered, mine, group=self.control)
+        self.failed_elsewhere = [
+            (host, rank, failed) for host, rank, _, failed in gathered if failed and rank != self.world.rank
+        ]
+        return [(host, rank, text) for host, rank, text, _ in gathered]
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """Gather every rank's JUnit file; fail this rank if another one failed; rank 0
-        writes the merged file."""
+        """Gather every rank's verdict and JUnit file; fail this rank if another one failed;
+        rank 0 writes the merged file."""
         xmlpath = getattr(self.config.option, "xmlpath", None)
         reports, missing = self.faults.reports(
-            self.gather_reports, xmlpath
+            lambda own_xml: self.gather_reports(own_xml, session), xmlpath
         )  # bounded in time; a lost rank's report salvaged through the store
-        if not any(text for _, _, text in reports):
-            return
-        merged = fold.merge(reports, missing)
-        if fold.failed(merged) and session.exitstatus == pytest.ExitCode.OK:
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED  # another rank failed: so does this one
-        if self.world.rank == 0 and self.xml_template:
+        merged = fold.merge(reports, missing) if any(text for _, _, text in reports) else None
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            if self.failed_elsewhere:
+                self._say(
+                    "gpuconform cluster: this rank exits non-zero because tests failed on "
+                    + ", ".join(f"host {h} rank {r} ({n})" for h, r, n in self.failed_elsewhere)
+                )
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            elif merged is not None and fold.failed(merged):
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a rank's results are missing
+        if merged is not None and self.world.rank == 0 and self.xml_template:
             target = self.merged_junit or merged_path(self.xml_template)
             fold.write(merged, target)
             self.config.stash[MERGED_JUNIT_KEY] = target
+
+    def _say(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         import torch.distributed as dist
@@ -156,20 +184,30 @@ class ClusterMode:
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_protocol(self, item, nextitem):
         """Capture the process state and seed every RNG (the same seed on every rank, from the
-        test id) before a multi-rank test; the teardown puts the state back."""
-        if self._is_multi_rank(item):
-            if self.boundary is None:
-                import torch
-
-                from ..engine.rank.isolation import TestBoundary
-
-                self.boundary = TestBoundary(torch, self.world.device_kind)
-            self.boundary.begin(plan_of(item).seed)
-            self._multi_rank_test = item.nodeid
+        test id) before a multi-rank test; the teardown puts the state back, and if it never
+        got there (a phase raised past it, the session stopped) it is put back here."""
         try:
+            if self._is_multi_rank(item):
+                if self.boundary is None:
+                    import torch
+
+                    from ..engine.rank.isolation import TestBoundary
+
+                    self.boundary = TestBoundary(torch, self.world.device_kind)
+                self._multi_rank_test = item.nodeid
+                self.boundary.begin(plan_of(item).seed)
+                self._boundary_open = True
             return (yield)
         finally:
             self._multi_rank_test = None
+            self._end_boundary()
+
+    def _end_boundary(self) -> list:
+        """Put the state captured before the test back, once; what it left behind."""
+        if not self._boundary_open or self.boundary is None:
+            return []
+        self._boundary_open = False
+        return list(self.boundary.end())
 
     def pytest_runtest_logreport(self, report) -> None:
         """What exists once a multi-rank test's setup is done belongs to its fixtures."""
@@ -203,29 +241,48 @@ class ClusterMode:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
+        """A failure in any phase counts: a fixture that failed on one rank leaves the
+        others' collectives (in the fixture or the body) without their partner."""
         report = yield
-        if report.when == "call" and report.failed and self._is_multi_rank(item):
+        if report.failed and self._is_multi_rank(item):
             item.stash[_FAILED_HERE] = True
         return report
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item):
-        """After the test's own teardown, put this rank's state back and meet all ranks. If
-        any rank failed the test, the process group may hold half-done collectives (or broken
-        gloo pairs): every rank then builds a new one, so the next test starts clean instead
-        of inheriting the wreck. A default group the test destroyed or replaced is rebuilt
-        the same way. What the test left behind is reported on it."""
-        result = yield
-        if not self._is_multi_rank(item) or self.faults.lost:  # no exchange with a broken world
-            return result
-        found = self.boundary.end() if self.boundary is not None else []
+        """After the test's own teardown, put this rank's state back and meet all ranks,
+        also when that teardown failed here (the others are waiting to meet this rank). If
+        any rank failed the test, in any phase, the process group may hold half-done
+        collectives (or broken gloo pairs): every rank then builds a new one, so the next
+        test starts clean instead of inheriting the wreck. A default group the test
+        destroyed or replaced is rebuilt the same way. What the test left behind is
+        reported on it."""
+        failed_teardown: BaseException | None = None
+        try:
+            result = yield
+        except _TEARDOWN_FAILURES as exc:
+            failed_teardown, result = exc, None
+        if self._is_multi_rank(item) and not self.faults.lost:  # no exchange with a broken world
+            failed_here = failed_teardown is not None or bool(item.stash.get(_FAILED_HERE, False))
+            texts = self._settle(failed_here)
+            if failed_teardown is None:
+                self._report(item, texts)
+            elif texts:  # the teardown's own error is the report; the findings go with it
+                self._report(item, texts, strict=False)
+        if failed_teardown is not None:
+            raise failed_teardown
+        return result
+
+    def _settle(self, failed_here: bool) -> list[str]:
+        """Every rank: end the boundary, then leave the process groups fit for the next test."""
+        found = self._end_boundary()
         state = self.group.state()
         if state == "ok":
             found += self.group.drop_extra_groups()
             import torch.distributed as dist
 
             failed = [None] * self.world.world_size
-            dist.all_gather_object(failed, bool(item.stash.get(_FAILED_HERE, False)), group=self.control)
+            dist.all_gather_object(failed, failed_here, group=self.control)
             if any(failed):
                 self._rebuild_process_groups()
         else:
@@ -234,16 +291,15 @@ class ClusterMode:
             found.append(self.group.describe_damage(state))
             self.group.rebuild()
             self._new_control_group()
-        self._report(item, [f.text for f in found])
-        return result
+        return [f.text for f in found]
 
-    def _report(self, item, texts: list[str]) -> None:
+    def _report(self, item, texts: list[str], strict: bool = True) -> None:
         if not texts:
             return
         lines = [f"host {self.world.host} rank {self.world.rank}: {text}" for text in texts]
         item.user_properties.append((isolation_findings.ISOLATION_PROPERTY, "; ".join(lines)))
         isolation_findings.announce(item, lines)
-        if self.strict_isolation:
+        if strict and self.strict_isolation:
             pytest.fail(isolation_findings.strict_headline(lines), pytrace=False)
 
     def _join(self) -> None:

@@ -10,6 +10,8 @@ finished JUnit file, the verdict and summary, and the operators' outputs.
   failures that share one cause are listed once in pytest's own failure sections, with
   their count in the summary (the counts on pytest's last line are untouched).
 * ``--gpuconform-json`` / ``--gpuconform-prometheus`` files (node_json.py, prometheus.py).
+* A test still running when a stopped run ends (an xdist worker's test at SIGTERM) gets
+  an error instead of a nameless, passing JUnit case (in_flight.py).
 
 Everything is written by the process that writes the JUnit file: the xdist controller,
 or each rank in cluster mode (``{host}`` / ``{rank}`` in the paths are filled in).
@@ -32,6 +34,7 @@ from ..settings import Settings
 from ..xdist_glue import XdistRole
 from . import junit, node_json, prometheus, stable_ids
 from .causes import cause_of, unwrap
+from .in_flight import InFlightTests
 from .outcomes import CaseOutcome, first_line, outcomes_from_reports
 from .summary import row_key
 
@@ -87,6 +90,8 @@ class ReportingPlugin:
     # -- header, collection, properties ---------------------------------------------------
     def pytest_configure(self, config: pytest.Config) -> None:
         config.pluginmanager.register(_SummarySection(self), _SummarySection.PLUGIN_NAME)
+        if self.writes_reports:  # tests a stopped run left open get a result (in_flight.py)
+            config.pluginmanager.register(InFlightTests(), InFlightTests.PLUGIN_NAME)
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         lines = self.inventory.header_lines()

@@ -156,6 +156,40 @@ def test_merge_fails_a_multi_rank_test_whose_ranks_disagree_about_skipping():
     assert not failed(both) and both.find(".//skipped").get("message") == "no bf16 here"
 
 
+def test_merge_writes_errors_as_error_elements_and_a_failure_anywhere_wins():
+    """An error on one rank (setup or teardown) is an <error> in the merged file, counted in
+    ``errors``; a failure on any rank makes the case a <failure> listing every bad rank;
+    a rank with a failed call and a teardown error has both in the message."""
+    from pytest_gpuconform.cluster.fold import failed, merge
+
+    error = '<error message="failed on setup with &quot;RuntimeError: no GPU&quot;">trace</error>'
+    failure = '<failure message="AssertionError: rank 1 disagrees">trace</failure>'
+    errored = merge([("a", 0, _rank_xml("t1", "")), ("b", 1, _rank_xml("t1", error))])
+    suite = errored.find("testsuite")
+    assert failed(errored) and (suite.get("errors"), suite.get("failures")) == ("1", "0")
+    assert errored.find(".//failure") is None
+    assert (
+        errored.find(".//error").get("message") == 'error on host b rank 1: failed on setup with "RuntimeError: no GPU"'
+    )
+    both = merge([("a", 0, _rank_xml("t2", error)), ("b", 1, _rank_xml("t2", failure))])
+    assert (both.find("testsuite").get("errors"), both.find("testsuite").get("failures")) == ("0", "1")
+    assert both.find(".//error") is None
+    assert both.find(".//failure").get("message") == (
+        'error on host a rank 0: failed on setup with "RuntimeError: no GPU"; '
+        "failure on host b rank 1: AssertionError: rank 1 disagrees"
+    )
+    twice = (
+        '<testsuites><testsuite name="pytest" tests="2">'
+        f'<testcase classname="t" name="t3" time="0.1">{failure}</testcase>'
+        f'<testcase classname="t" name="t3" time="0.1">{error}</testcase></testsuite></testsuites>'
+    )
+    message = merge([("a", 0, _rank_xml("t3", "")), ("b", 1, twice)]).find(".//failure").get("message")
+    assert message == (
+        "failure on host b rank 1: AssertionError: rank 1 disagrees; "
+        'error on host b rank 1: failed on setup with "RuntimeError: no GPU"'
+    )
+
+
 def test_srun_without_rendezvous_address_is_a_clear_usage_error(pytester, monkeypatch):
     for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)

@@ -127,14 +127,14 @@ def test_merged_file_lists_a_missing_rank_as_an_error_with_the_reason():
         [("alpha", 0, _rank_xml("t1")), ("beta", 1, "")],
         {1: "no answer from its liveness port 10.0.0.2:1 within 2 s: host down or network partitioned"},
     )
-    failure = merged.find(".//failure")
-    assert failure.get("type") == "error"
-    assert failure.get("message") == (
+    error = merged.find(".//error")
+    assert error is not None and merged.find(".//failure") is None, "a rank without a verdict is an error"
+    assert error.get("message") == (
         "no report from host beta rank 1: no answer from its liveness port 10.0.0.2:1 within 2 s: "
         "host down or network partitioned"
     )
-    assert fold.failed(merged)
-    without_reason = fold.merge([("alpha", 0, _rank_xml("t1")), ("beta", 1, "")]).find(".//failure")
+    assert fold.failed(merged) and merged.find("testsuite").get("errors") == "1"
+    without_reason = fold.merge([("alpha", 0, _rank_xml("t1")), ("beta", 1, "")]).find(".//error")
     assert without_reason.get("message") == "no report from host beta rank 1: rank crashed or its report is missing"
 
 
@@ -166,8 +166,8 @@ def test_salvage_collects_the_survivors_reports_through_the_store(tmp_path, monk
         ("d", 3, False),
     ]
     assert salvager.lost == {2: "its process is gone", 3: "alive when the loss was found, but sent no report in 0.3 s"}
-    failure = fold.merge(reports, salvager.lost).find(".//failure")
-    assert failure.get("message") == (
+    error = fold.merge(reports, salvager.lost).find(".//error")
+    assert error.get("message") == (
         "no report from host c rank 2: its process is gone; "
         "no report from host d rank 3: alive when the loss was found, but sent no report in 0.3 s"
     )

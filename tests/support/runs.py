@@ -29,7 +29,7 @@ class Run:
 
     def outcome(self, name: str) -> tuple[str, str, str]:
         """("passed" | "failure" | "error" | "skipped", message, text) of a case (an error is
-        written as ``<failure type="error">`` in the schema-safe file)."""
+        ``<error>``, or ``<failure type="error">`` as earlier versions wrote it)."""
         case = self.case(name)
         for child in case:
             if child.tag in ("failure", "error", "skipped"):

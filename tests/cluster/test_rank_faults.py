@@ -1,0 +1,122 @@
+"""Faults on one rank only, outside a test's body: a fixture that fails on one rank in its
+setup or its teardown, and a test that fails on a rank other than 0 in a run without
+--junitxml. The ranks must stay in step (the next test pairs its collectives correctly)
+and every rank's exit code must say that the cluster failed.
+"""
+
+from __future__ import annotations
+
+import socket
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from support.torchrun_hosts import start_loopback_agents, start_standalone
+
+FIXTURE_FAULTS = """
+import pytest, torch
+import torch.distributed as dist
+
+@pytest.fixture
+def setup_fails_on_rank1(rank):
+    if rank == 1:
+        raise RuntimeError("fixture setup fails on rank 1 only")
+
+@pytest.fixture
+def teardown_fails_on_rank1(rank):
+    yield
+    if rank == 1:
+        raise RuntimeError("fixture teardown fails on rank 1 only")
+
+def _pairs_correctly(rank):
+    t = torch.full((1,), 10.0 * (rank + 1))
+    dist.all_reduce(t)
+    assert t.item() == 30.0, f"got {t.item()}: a collective of an earlier test leaked into this one"
+
+@pytest.mark.world_size(2)
+def test_a_setup_fails_on_rank1(rank, setup_fails_on_rank1):
+    # Only rank 0 runs the body, and passes: the collective it started stays half done.
+    dist.all_reduce(torch.ones(1), async_op=True)
+
+@pytest.mark.world_size(2)
+def test_b_after_a_setup_error(rank):
+    _pairs_correctly(rank)
+
+@pytest.mark.world_size(2)
+def test_c_teardown_fails_on_rank1(rank, teardown_fails_on_rank1):
+    import os
+    os.environ["LEFT_BY_C"] = "1"  # put back after the teardown, failed or not
+    if rank == 0:  # half done: rank 1 never joins it
+        dist.all_reduce(torch.ones(1), async_op=True)
+
+@pytest.mark.world_size(2)
+def test_d_after_a_teardown_error(rank):
+    import os
+    assert "LEFT_BY_C" not in os.environ
+    _pairs_correctly(rank)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cases(path) -> dict[str, ET.Element]:
+    return {c.get("name"): c for c in ET.parse(path).getroot().iter("testcase")}
+
+
+def test_a_fixture_failing_on_one_rank_leaves_no_half_done_collective(tmp_path):
+    """rank 1's fixture fails in setup (rank 0 passes, leaving a collective half done), then
+    in teardown (rank 1 would skip the exchange of outcomes): every rank rebuilds its
+    process groups, so the next test's all_reduce pairs correctly and passes; the fixture
+    failures are errors in the merged file, naming rank 1."""
+    (tmp_path / "test_fixtures.py").write_text(FIXTURE_FAULTS)
+    args = ["test_fixtures.py", "-k", "cpu", "--gpuconform-timeout", "10"]
+    agents = start_standalone(tmp_path, [*args, "--junitxml", "reports/junit-{host}-r{rank}.xml"], 2, _free_port())
+    agents.wait(150)
+    output = agents.outputs()
+    assert agents[0].returncode == 1, output
+    merged = _cases(next((tmp_path / "reports").glob("junit-cluster.xml")))
+    for name in ("test_b_after_a_setup_error[ws2-cpu]", "test_d_after_a_teardown_error[ws2-cpu]"):
+        case = merged[name]
+        assert [e.tag for e in case if e.tag in ("failure", "error", "skipped")] == [], ET.tostring(
+            case, encoding="unicode"
+        )[:3000]
+    for name, phase in (
+        ("test_a_setup_fails_on_rank1[ws2-cpu]", "setup"),
+        ("test_c_teardown_fails_on_rank1[ws2-cpu]", "teardown"),
+    ):
+        case = merged[name]
+        error = case.find("error")
+        assert error is not None and case.find("failure") is None, ET.tostring(case, encoding="unicode")[:3000]
+        message = error.get("message") or ""
+        assert message.startswith("error on host "), message
+        assert f"rank 1: failed on {phase} with" in message and f"fixture {phase} fails on rank 1 only" in message
+
+
+ONE_RANK_FAILS = """
+import pytest
+
+@pytest.mark.world_size(2)
+def test_fails_on_rank1_only(rank):
+    assert rank == 0, f"rank {rank} disagrees"
+
+def test_per_node_fails_on_rank1_only(rank):
+    assert rank == 0, f"rank {rank} disagrees"
+"""
+
+
+@pytest.mark.parametrize("test", ["test_fails_on_rank1_only", "test_per_node_fails_on_rank1_only"])
+def test_b_every_rank_exits_non_zero_without_junitxml(tmp_path, test):
+    """Two torchrun agents (a host each), no --junitxml: a test failing on rank 1 only must
+    fail rank 0 too, so each agent (and a job that looks at rank 0's) exits non-zero."""
+    (tmp_path / "test_one_rank.py").write_text(ONE_RANK_FAILS)
+    agents = start_loopback_agents(["node0", "node1"], tmp_path, ["test_one_rank.py", "-k", test], _free_port())
+    agents.wait(150)
+    output = agents.outputs()
+    assert [a.returncode for a in agents] == [1, 1], output
+    passing = next(a for a in agents if "failed" not in a.output().splitlines()[-1:][0])
+    assert "gpuconform cluster: this rank exits non-zero because tests failed on host " in passing.output(), output
+    assert " rank 1 (1)" in passing.output(), output
