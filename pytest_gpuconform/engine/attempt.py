@@ -3,9 +3,10 @@
 The controller waits for all of a test's phases at once: each rank runs setup, call and
 teardown on its own and reports them, then says what the test left behind. A rank is done
 when it has finished (and, if the test destroyed the default group, rebuilt it), died, or
-failed in its own machinery. The first bad news (a failing or skipping phase, a death)
-gives the others ``grace`` seconds: a peer waiting for that rank in a collective would
-never return. Whoever is still running at the deadline, or after the grace, is stuck;
+failed in its own machinery. The first bad news (a failing phase, a death, a rank's own
+error) gives the others ``grace`` seconds: a peer waiting for that rank in a collective
+would never return. A skip or xfail does not: slower peers must be let reach theirs.
+Whoever is still running at the deadline, or after the grace, is stuck;
 its stack is taken before the pool is killed.
 
 Messages carrying another test's sequence number are dropped and counted: a pool that
@@ -24,6 +25,10 @@ from .pool import DIED, RankPool
 from .rank.messages import Finished, RankError, Rejoined, Reports, RunTest
 
 GRACE_SECONDS = 3.0
+# Bad news after which a peer's collective cannot complete. A skip or xfail is not: every
+# rank may take its own time to reach the same skip or xfail, so they wait to the deadline
+# (where a peer blocked in a collective after its partner skipped is cut, verdict.py).
+GRACE_STARTERS = ("failed", "died", "error")
 
 
 @dataclass
@@ -56,7 +61,11 @@ class RankRun:
         """The phase the rank was in when it stopped answering."""
         if self.marker in ("setup", "call", "teardown"):
             return self.marker
-        if self.marker == "done" or "teardown" in self.reports:
+        if self.marker == "done":
+            return "after teardown"
+        if self.marker:  # "begin" (finding the test, tearing down earlier fixtures) or unknown
+            return "setup"
+        if "teardown" in self.reports:
             return "after teardown"
         if "call" in self.reports or ("setup" in self.reports and not self.reports["setup"].passed):
             return "teardown"
@@ -155,7 +164,7 @@ class Attempt:
 
     def _bad(self, kind: str, rank: int, when: str) -> None:
         self.record.events.append((kind, rank, when))
-        if self._bad_at is None:
+        if self._bad_at is None and kind in GRACE_STARTERS:
             self._bad_at = time.perf_counter()
 
     def _settle(self) -> None:

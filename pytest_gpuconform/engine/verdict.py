@@ -153,7 +153,7 @@ def _death(run: RankRun) -> _Failure:
     return _Failure(when, headline, lines=[f"--- rank {run.rank} output (last lines) ---", tail])
 
 
-def _disagreement(record: RunRecord) -> _Failure | None:
+def _disagreement(record: RunRecord, deadline: float) -> _Failure | None:
     for when in PHASES:
         seen = {}
         for run in record.ranks:
@@ -168,7 +168,9 @@ def _disagreement(record: RunRecord) -> _Failure | None:
         kinds = {k for k, _ in seen.values()}
         about = "skipping" if "skipped" in kinds else "xfail"
         statuses = "; ".join(f"rank {run.rank}: {rank_status(run)}" for run in record.ranks)
-        return _Failure(when, f"ranks disagree about {about}: {statuses}")
+        stuck = [str(run.rank) for run in record.ranks if run.stuck]
+        waited = f" (waited to the deadline, {deadline:g} s, for ranks {', '.join(stuck)})" if stuck else ""
+        return _Failure(when, f"ranks disagree about {about}{waited}: {statuses}")
     return None
 
 
@@ -189,7 +191,7 @@ def _primary(record: RunRecord, context: Context) -> _Failure | None:
             first = (run.error.text.strip().splitlines() or ["failed"])[0]
             when = "setup" if not run.reports else run.phase.replace("after ", "")
             return _Failure(when, first, lines=[run.error.text.rstrip()])
-    disagreement = _disagreement(record)
+    disagreement = _disagreement(record, context.deadline)
     if disagreement is not None:
         return disagreement
     stuck = [run for run in record.ranks if run.stuck]
@@ -393,15 +395,19 @@ def _teardown(item: pytest.Item, record: RunRecord, sections) -> pytest.TestRepo
 def engine_error(item: pytest.Item, headline: str, lines: list[str]) -> Verdict:
     """The test could not be run in ranks at all (ranks would not start, GPUs not leased):
     an error of its setup, stated at the test's own location."""
-    longrepr = compat.text_longrepr(
-        str(item.path), (item.location[1] or 0) + 1, headline, [_location_line(item, headline), *lines]
-    )
-    empty = RunRecord([])
     reports = {
-        "setup": _make(item, "setup", "failed", longrepr, empty, []),
-        "teardown": _make(item, "teardown", "passed", None, empty, []),
+        "setup": missing_report(item, "setup", headline, lines),
+        "teardown": _make(item, "teardown", "passed", None, RunRecord([]), []),
     }
     return Verdict(reports, reusable=False, headline=headline)
+
+
+def missing_report(item: pytest.Item, when: str, headline: str, lines: list[str] | None = None) -> pytest.TestReport:
+    """A failed report of phase ``when`` that no rank supplied, stated at the test's location."""
+    longrepr = compat.text_longrepr(
+        str(item.path), (item.location[1] or 0) + 1, headline, [_location_line(item, headline), *(lines or [])]
+    )
+    return _make(item, when, "failed", longrepr, RunRecord([]), [])
 
 
 def placeholder(item: pytest.Item, when: str) -> pytest.TestReport:

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
-LOG_NAME = "nccl-rank{rank}.log"
+LOG_NAME = "nccl-rank{rank}.log"  # after the pool's name, when there is one
 WATCHDOG_MARGIN_SECONDS = 30.0
 # Error handling modes that end a rank whose collective timed out (1 tear down and exit,
 # 2 clean up only and raise, 3 exit without clean-up); 0 lets a hang hang.
@@ -45,12 +45,18 @@ TAIL_LINES = 20
 TAIL_BYTES = 64 * 1024
 
 
-def log_path(log_dir: str | os.PathLike, rank: int) -> str:
-    return str(Path(log_dir) / LOG_NAME.format(rank=rank))
+def log_path(log_dir: str | os.PathLike, rank: int, pool: str = "") -> str:
+    """Rank ``rank``'s NCCL log in ``log_dir``; ``pool`` (a name unique on the node) keeps
+    the logs of different pools and processes sharing one directory apart."""
+    name = LOG_NAME.format(rank=rank)
+    return str(Path(log_dir) / (f"{pool}-{name}" if pool else name))
 
 
-def rank_environment(rank: int, log_dir: str | os.PathLike, environ: Mapping[str, str] | None = None) -> dict:
-    """Variables to add to rank ``rank``'s environment before it starts (see the docstring)."""
+def rank_environment(
+    rank: int, log_dir: str | os.PathLike, environ: Mapping[str, str] | None = None, pool: str = ""
+) -> dict:
+    """Variables to add to rank ``rank``'s environment before it starts (see the docstring);
+    ``pool`` names its log file (``log_path``)."""
     from ..checks.numerics import CUBLAS_WORKSPACE_CONFIG, DETERMINISTIC_CUBLAS
 
     environ = os.environ if environ is None else environ
@@ -61,7 +67,7 @@ def rank_environment(rank: int, log_dir: str | os.PathLike, environ: Mapping[str
     if not environ.get("NCCL_DEBUG"):
         env["NCCL_DEBUG"] = "WARN"
     if not environ.get("NCCL_DEBUG_FILE"):
-        env["NCCL_DEBUG_FILE"] = log_path(log_dir, rank)
+        env["NCCL_DEBUG_FILE"] = log_path(log_dir, rank, pool)
     if environ.get("CUBLAS_WORKSPACE_CONFIG") not in DETERMINISTIC_CUBLAS:
         env["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
     return env
