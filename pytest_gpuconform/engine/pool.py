@@ -74,7 +74,7 @@ class RankStartError(RuntimeError):
 @dataclass
 class RankHandle:
     rank: int
-    process: Any  # a spawn-context Process
+    process: Any  # a forkserver-context Process (spawn where there is no fork server)
     conn: Any  # multiprocessing.connection.Connection
     log_path: str
     stack_path: str

@@ -28,6 +28,7 @@ import pytest
 
 from .. import compat
 from ..node import nccl
+from ..reporting.outcomes import first_line
 from .attempt import RankRun, RunRecord
 from .findings import ISOLATION_PROPERTY, strict_headline
 from .logs import crash_lines
@@ -66,22 +67,13 @@ class _Failure:
 
 
 # -- what each rank did --------------------------------------------------------------------------
-def _message(report) -> str:
-    longrepr = report.longrepr
-    if isinstance(longrepr, tuple) and len(longrepr) == 3:
-        return str(longrepr[2]).removeprefix("Skipped: ")
-    crash = getattr(longrepr, "reprcrash", None)
-    text = crash.message if crash is not None else str(longrepr or "")
-    return (text.strip().splitlines() or [""])[0]
-
-
 def _category(report) -> tuple[str, str]:
     xfail = getattr(report, "wasxfail", None)
     if report.passed:
         return ("xpassed", xfail) if xfail is not None else ("passed", "")
     if report.skipped:
-        return ("xfailed", xfail) if xfail is not None else ("skipped", _message(report))
-    return "failed", _message(report)
+        return ("xfailed", xfail) if xfail is not None else ("skipped", first_line(report))
+    return "failed", first_line(report)
 
 
 def _passed_silently(run: RankRun, when: str) -> bool:
@@ -182,7 +174,7 @@ def _primary(record: RunRecord, context: Context) -> _Failure | None:
     for kind, rank, when in record.events:
         run = record.ranks[rank]
         if kind == "failed":
-            text = _message(run.reports[when])
+            text = first_line(run.reports[when])
             place = "failed" if when == "call" else f"error in {when}"
             return _Failure(when, f"rank {rank} {place}: {text}", native=run.reports[when])
         if kind == "died":
@@ -316,19 +308,14 @@ def findings_of(record: RunRecord) -> tuple[list[str], bool]:
     return lines, restored
 
 
-def _nccl_hint(record: RunRecord) -> str | None:
-    """NCCL's first warning during the test (a peer gone, a link fault): the reason a
-    collective failed is often only there, not in the Python exception."""
-    for run in record.ranks:
-        warnings = nccl.warn_lines(run.nccl_log)
-        if warnings:
-            return f"rank {run.rank}: NCCL WARN {warnings[0]}"
-    return None
+def _nccl_logs(record: RunRecord) -> dict[int, str]:
+    """What NCCL wrote during the test, per rank (empty for gloo pools)."""
+    return {run.rank: run.nccl_log for run in record.ranks}
 
 
 def fold(item: pytest.Item, record: RunRecord, context: Context) -> Verdict:
     failure = _primary(record, context)
-    hint = _nccl_hint(record) if failure is not None else None
+    hint = nccl.warning_hint(_nccl_logs(record)) if failure is not None else None
     if failure is not None and hint:
         failure.headline = f"{failure.headline} ({hint})"
     _records(item, record)
@@ -340,7 +327,7 @@ def fold(item: pytest.Item, record: RunRecord, context: Context) -> Verdict:
     def sections(when: str) -> list[tuple[str, str]]:
         found = _sections(record, when, PHASES.index(when) >= output_from)
         if failure is not None and failure.when == when:
-            found += [(f"NCCL log [rank {run.rank}]", run.nccl_log) for run in record.ranks if run.nccl_log]
+            found += nccl.log_sections(_nccl_logs(record))
         return found
 
     reports: dict[str, pytest.TestReport] = {}
@@ -386,7 +373,7 @@ def _teardown(item: pytest.Item, record: RunRecord, sections) -> pytest.TestRepo
     for run in record.ranks:
         report = run.reports.get("teardown")
         if report is not None and report.failed:
-            secondary = _Failure("teardown", f"rank {run.rank} error in teardown: {_message(report)}", native=report)
+            secondary = _Failure("teardown", f"rank {run.rank} error in teardown: {first_line(report)}", native=report)
             longrepr = _failure_longrepr(item, secondary, record, Context(deadline=0))
             return _make(item, "teardown", "failed", longrepr, record, sections)
     return _make(item, "teardown", "passed", None, record, sections)

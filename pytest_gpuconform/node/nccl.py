@@ -22,9 +22,9 @@ functions, for the code that starts ranks (engine/rank, cluster mode) to call:
   ``device_id`` (the rank's GPU), which creates the communicator eagerly (a broken
   NCCL set-up fails at rank start-up, not inside the first test) and binds the group to
   that GPU (no "devices used by this process are currently unknown" guess in barriers).
-* ``failure_sections`` / ``headline_hint``: NCCL's log tail of every rank, for the
-  failure's body, and its first ``NCCL WARN`` line, for the one-line message; ``log_size``
-  taken before a test limits both to what that test added.
+* ``log_sections`` / ``warning_hint``: NCCL's log tail of every rank, for the failure's
+  body, and its first ``NCCL WARN`` line, for the one-line message; ``log_size`` taken
+  before a test and ``log_tail(since=...)`` limit both to what that test added.
 """
 
 from __future__ import annotations
@@ -139,24 +139,18 @@ def warn_lines(text: str) -> list[str]:
     return found
 
 
-def failure_sections(
-    paths: Mapping[int, str | os.PathLike], lines: int = TAIL_LINES, since: Mapping[int, int] | None = None
-) -> list[tuple[str, str]]:
-    """(title, text) per rank whose NCCL log has something (after ``since[rank]``), for the
-    failure report."""
-    sections = []
-    for rank in sorted(paths):
-        tail = log_tail(paths[rank], lines, since=(since or {}).get(rank, 0))
-        if tail:
-            sections.append((f"NCCL log of rank {rank} (last {lines} lines of {paths[rank]})", tail))
-    return sections
+def log_sections(texts: Mapping[int, str]) -> list[tuple[str, str]]:
+    """(title, text) per rank, in rank order, for the failure report; ``texts`` maps a rank
+    to what its NCCL log gained during the test (``log_tail`` with ``since``). Ranks whose
+    log gained nothing get no section."""
+    return [(f"NCCL log [rank {rank}]", texts[rank]) for rank in sorted(texts) if texts[rank]]
 
 
-def headline_hint(paths: Mapping[int, str | os.PathLike], since: Mapping[int, int] | None = None) -> str | None:
-    """The first warning of the first rank that warned (after ``since[rank]``), as
-    "rank R: NCCL WARN <message>", for the one-line failure message; None when none did."""
-    for rank in sorted(paths):
-        warnings = warn_lines(log_tail(paths[rank], lines=200, since=(since or {}).get(rank, 0)))
+def warning_hint(texts: Mapping[int, str]) -> str | None:
+    """The first warning of the first rank that warned, as "rank R: NCCL WARN <message>",
+    for the one-line failure message; None when none did. ``texts`` as for ``log_sections``."""
+    for rank in sorted(texts):
+        warnings = warn_lines(texts[rank])
         if warnings:
             return f"rank {rank}: NCCL WARN {warnings[0]}"
     return None

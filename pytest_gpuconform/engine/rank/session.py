@@ -13,9 +13,9 @@ the next test (a failure is that test's error) or when the pool leaves (a failur
 rank with TEARDOWN_FAILED, which the controller reports as a failed case).
 
 Rank mode differs from a normal session in what would clash with the controller: files the
-controller writes (JUnit, HTML, report logs, the cache) are not written here, the terminal
-prints nothing (the rank's output is the test's output), ``--pdb`` and xdist are off, and
-pytest-rerunfailures is unregistered (the controller reruns the whole multi-rank test).
+controller writes (JUnit, HTML, report logs, JSON reports: CONTROLLER_FILES; the cache) are
+not written here, the terminal prints nothing (the rank's output is the test's output),
+``--pdb`` and xdist are off, and pytest-rerunfailures is unregistered (the controller reruns the whole multi-rank test).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from .isolation import TestBoundary
 from .messages import CLOSE, Finding, Finished, RankError, Ready, Rejoined, Reports, RunTest
 from .spec import ATTEMPT_KEY, RANK_SPEC_KEY, RankSpec
 
-# Options of plugins whose output files belong to the controller alone.
+# Options of plugins whose output files belong to the controller alone: JUnit (pytest),
+# pytest-html, pytest-reportlog, pytest-json-report. Only these are cleared in ranks; a
+# plugin that writes another report file from a per-session option would write it once per
+# rank as well (add its option's dest here).
 CONTROLLER_FILES = ("xmlpath", "htmlpath", "report_log", "json_report_file")
 # A rank's exit status when its session's last fixture teardown failed (see _teardown_all).
 TEARDOWN_FAILED = 70
