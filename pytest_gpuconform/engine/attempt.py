@@ -15,6 +15,7 @@ sends one is replaced, and nothing it said is attributed to this test.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ GRACE_SECONDS = 3.0
 # rank may take its own time to reach the same skip or xfail, so they wait to the deadline
 # (where a peer blocked in a collective after its partner skipped is cut, verdict.py).
 GRACE_STARTERS = ("failed", "died", "error")
+# A frame of a torch.distributed call in a rank's Python stack (faulthandler's format).
+DIST_FRAME = re.compile(r'File "[^"]*torch/distributed/[^"]*", line \d+ in (\w+)')
 
 
 @dataclass
@@ -100,6 +103,8 @@ class Attempt:
         self.record = RunRecord([RankRun(r) for r in range(pool.world_size)])
         self._started = 0.0
         self._bad_at: float | None = None
+        self._skip_at: float | None = None  # the first skip or xfail
+        self._blocked: set[int] = set()  # ranks seen blocked in a collective since that skip
 
     def run(self) -> RunRecord:
         nccl_logs = self.pool.nccl_logs()
@@ -125,6 +130,11 @@ class Attempt:
                 return
             now = time.perf_counter()
             limit = self._started + self.deadline
+            if self._bad_at is None and self._skip_at is not None:
+                if now >= self._skip_at + self.grace:
+                    self._look_for_blocked_peers(pending, now)
+                    continue
+                limit = min(limit, self._skip_at + self.grace)
             if self._bad_at is not None:
                 limit = min(limit, self._bad_at + self.grace)
             if now >= limit:
@@ -166,6 +176,18 @@ class Attempt:
         self.record.events.append((kind, rank, when))
         if self._bad_at is None and kind in GRACE_STARTERS:
             self._bad_at = time.perf_counter()
+        elif self._skip_at is None:
+            self._skip_at = time.perf_counter()
+
+    def _look_for_blocked_peers(self, pending: set[int], now: float) -> None:
+        """After a skip or xfail, every ``grace`` seconds: a peer whose stack shows it in a
+        collective twice in a row waits for a rank that has left the test, and is cut at once
+        (a peer still working locally is left alone, to the deadline)."""
+        self._skip_at = now
+        blocked = {rank for rank, stack in self.pool.dump_stacks(sorted(pending)).items() if DIST_FRAME.search(stack)}
+        if blocked & self._blocked:
+            self._bad_at = now - self.grace
+        self._blocked = blocked
 
     def _settle(self) -> None:
         """Stacks of stuck ranks (before anyone kills them), then every rank's output."""

@@ -29,13 +29,12 @@ import pytest
 from .. import compat
 from ..node import nccl
 from ..reporting.outcomes import first_line
-from .attempt import RankRun, RunRecord
+from .attempt import DIST_FRAME, RankRun, RunRecord
 from .findings import ISOLATION_PROPERTY, strict_headline
 from .logs import crash_lines
 from .pool import describe_exit
 
 PHASES = ("setup", "call", "teardown")
-_DIST_FRAME = re.compile(r'File "[^"]*torch/distributed/[^"]*", line \d+ in (\w+)')
 _TIMEOUT_BANNER = re.compile(r"^\++ Timeout \++$", re.MULTILINE)
 
 
@@ -86,7 +85,7 @@ def _passed_silently(run: RankRun, when: str) -> bool:
 
 
 def _blocked(stack: str) -> str:
-    match = _DIST_FRAME.search(stack)
+    match = DIST_FRAME.search(stack)
     return f"blocked in collective ({match.group(1)})" if match else "still running"
 
 
@@ -161,7 +160,13 @@ def _disagreement(record: RunRecord, deadline: float) -> _Failure | None:
         about = "skipping" if "skipped" in kinds else "xfail"
         statuses = "; ".join(f"rank {run.rank}: {rank_status(run)}" for run in record.ranks)
         stuck = [str(run.rank) for run in record.ranks if run.stuck]
-        waited = f" (waited to the deadline, {deadline:g} s, for ranks {', '.join(stuck)})" if stuck else ""
+        waited = ""
+        if stuck and record.timed_out:
+            waited = f" (waited to the deadline, {deadline:g} s, for ranks {', '.join(stuck)})"
+        elif stuck:
+            waited = (
+                f" (ranks {', '.join(stuck)} cut: blocked in a collective after a peer's {about.removesuffix('ping')})"
+            )
         return _Failure(when, f"ranks disagree about {about}{waited}: {statuses}")
     return None
 
