@@ -3,9 +3,10 @@
 The controller waits for all of a test's phases at once: each rank runs setup, call and
 teardown on its own and reports them, then says what the test left behind. A rank is done
 when it has finished (and, if the test destroyed the default group, rebuilt it), died, or
-failed in its own machinery. The first bad news (a failing or skipping phase, a death)
-gives the others ``grace`` seconds: a peer waiting for that rank in a collective would
-never return. Whoever is still running at the deadline, or after the grace, is stuck;
+failed in its own machinery. The first bad news (a failing phase, a death, a rank's own
+error) gives the others ``grace`` seconds: a peer waiting for that rank in a collective
+would never return. A skip or xfail does not: slower peers must be let reach theirs.
+Whoever is still running at the deadline, or after the grace, is stuck;
 its stack is taken before the pool is killed.
 
 Messages carrying another test's sequence number are dropped and counted: a pool that
@@ -14,6 +15,7 @@ sends one is replaced, and nothing it said is attributed to this test.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +26,12 @@ from .pool import DIED, RankPool
 from .rank.messages import Finished, RankError, Rejoined, Reports, RunTest
 
 GRACE_SECONDS = 3.0
+# Bad news after which a peer's collective cannot complete. A skip or xfail is not: every
+# rank may take its own time to reach the same skip or xfail, so they wait to the deadline
+# (where a peer blocked in a collective after its partner skipped is cut, verdict.py).
+GRACE_STARTERS = ("failed", "died", "error")
+# A frame of a torch.distributed call in a rank's Python stack (faulthandler's format).
+DIST_FRAME = re.compile(r'File "[^"]*torch/distributed/[^"]*", line \d+ in (\w+)')
 
 
 @dataclass
@@ -56,7 +64,11 @@ class RankRun:
         """The phase the rank was in when it stopped answering."""
         if self.marker in ("setup", "call", "teardown"):
             return self.marker
-        if self.marker == "done" or "teardown" in self.reports:
+        if self.marker == "done":
+            return "after teardown"
+        if self.marker:  # "begin" (finding the test, tearing down earlier fixtures) or unknown
+            return "setup"
+        if "teardown" in self.reports:
             return "after teardown"
         if "call" in self.reports or ("setup" in self.reports and not self.reports["setup"].passed):
             return "teardown"
@@ -91,6 +103,8 @@ class Attempt:
         self.record = RunRecord([RankRun(r) for r in range(pool.world_size)])
         self._started = 0.0
         self._bad_at: float | None = None
+        self._skip_at: float | None = None  # the first skip or xfail
+        self._blocked: set[int] = set()  # ranks seen blocked in a collective since that skip
 
     def run(self) -> RunRecord:
         nccl_logs = self.pool.nccl_logs()
@@ -116,6 +130,11 @@ class Attempt:
                 return
             now = time.perf_counter()
             limit = self._started + self.deadline
+            if self._bad_at is None and self._skip_at is not None:
+                if now >= self._skip_at + self.grace:
+                    self._look_for_blocked_peers(pending, now)
+                    continue
+                limit = min(limit, self._skip_at + self.grace)
             if self._bad_at is not None:
                 limit = min(limit, self._bad_at + self.grace)
             if now >= limit:
@@ -155,8 +174,20 @@ class Attempt:
 
     def _bad(self, kind: str, rank: int, when: str) -> None:
         self.record.events.append((kind, rank, when))
-        if self._bad_at is None:
+        if self._bad_at is None and kind in GRACE_STARTERS:
             self._bad_at = time.perf_counter()
+        elif self._skip_at is None:
+            self._skip_at = time.perf_counter()
+
+    def _look_for_blocked_peers(self, pending: set[int], now: float) -> None:
+        """After a skip or xfail, every ``grace`` seconds: a peer whose stack shows it in a
+        collective twice in a row waits for a rank that has left the test, and is cut at once
+        (a peer still working locally is left alone, to the deadline)."""
+        self._skip_at = now
+        blocked = {rank for rank, stack in self.pool.dump_stacks(sorted(pending)).items() if DIST_FRAME.search(stack)}
+        if blocked & self._blocked:
+            self._bad_at = now - self.grace
+        self._blocked = blocked
 
     def _settle(self) -> None:
         """Stacks of stuck ranks (before anyone kills them), then every rank's output."""

@@ -21,6 +21,7 @@ run the same pytest-timeout); the controller waits that long plus a margin.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import os
@@ -34,6 +35,7 @@ from ..collection.plan import plan_of
 from ..collection.policy import STRICT_FAILURE
 from ..node.inventory import Inventory
 from ..node.pinning import node_gpu_tokens
+from ..reporting.extra_case import report_extra_case
 from ..settings import Settings
 from ..xdist_glue import XdistRole
 from .attempt import Attempt
@@ -46,13 +48,14 @@ from .rank.environment import RankIdentity
 from .rank.messages import RunTest
 from .rank.spec import RankSpec
 from .rank_args import rank_arguments
-from .verdict import Context, Verdict, engine_error, fold, placeholder
+from .verdict import Context, Verdict, engine_error, fold, missing_report, placeholder
 
 log = logging.getLogger(__name__)
 
 START_DEADLINE_FLOOR = 120.0  # spawning ranks imports torch; slow shared nodes need a while
 PYTEST_TIMEOUT_MARGIN = 5.0  # past pytest-timeout's own limit, the controller stops waiting
 CLOSE_SECONDS = 10.0
+LEAVE_NODEID = "gpuconform/engine::ranks_left_cleanly"
 
 
 class _RanInRanks(pytest.skip.Exception):  # type: ignore[name-defined]
@@ -68,6 +71,15 @@ class _Routed:
 
 
 _ROUTED: pytest.StashKey[_Routed] = pytest.StashKey()
+
+
+@dataclass
+class _SessionOrder:
+    """The session's run order: node id -> position, and each pool's positions, ascending."""
+
+    items: list
+    index: dict[str, int]
+    by_pool: dict[Any, list[int]]
 
 
 def gpus_to_lease(key: tuple) -> tuple[list[str], str | None]:
@@ -99,8 +111,10 @@ class RankEngine:
         self.pools: dict[tuple, RankPool] = {}
         self.retiring: list[RankPool] = []  # replaced pools whose ranks are leaving on their own
         self.guard = InterruptGuard()
+        self.leave_problems: list[str] = []  # pool.py leave_problems, reported after the tests
         self._seq = itertools.count(1)
         self._template: RankSpec | None = None
+        self._order: _SessionOrder | None = None
 
     # -- which tests go to ranks ---------------------------------------------------------------
     @staticmethod
@@ -129,19 +143,41 @@ class RankEngine:
         self.close_pools(kill=True)
         self.guard.uninstall()
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session: pytest.Session):
+        """After the last test (or a stop): the pools leave while the run can still fail."""
+        try:
+            return (yield)
+        finally:
+            self.close_pools(kill=bool(self.guard.received))
+            self.report_leave_problems()
+
+    def report_leave_problems(self) -> None:
+        """Ranks that failed their session's last fixture teardown (or did not leave) fail
+        the run as a case of their own: no test is left to carry it."""
+        if self.leave_problems:
+            problems, self.leave_problems = self.leave_problems, []
+            report_extra_case(self.config, LEAVE_NODEID, "\n\n".join(problems))
+
     def close_pools(self, kill: bool = False) -> None:
         for key in list(self.pools):
             pool = self.pools.pop(key)
             if kill:
-                pool.kill()
+                self._stop(pool.kill, pool)
             else:
                 pool.retire()
                 self.retiring.append(pool)
         if kill:
             for pool in self.retiring:
-                pool.kill()
+                self._stop(pool.kill, pool)
             self.retiring.clear()
         self._finish_retiring(wait=True)
+
+    def _stop(self, how, pool: RankPool, *args) -> None:
+        """Close or kill a pool, keeping what its leaving ranks did wrong."""
+        how(*args)
+        self.leave_problems += pool.leave_problems
+        pool.leave_problems = []
 
     def discard(self, key: tuple, why: str, graceful: bool = False) -> None:
         pool = self.pools.pop(key, None)
@@ -149,29 +185,57 @@ class RankEngine:
             return
         log.debug("discarding pool %s: %s", pool.name, why)
         if graceful and pool.device_kind == "cuda":
-            pool.close(CLOSE_SECONDS)  # its GPUs must be free before the lease is released
+            self._stop(pool.close, pool, CLOSE_SECONDS)  # its GPUs must be free before the lease is released
         elif graceful:
             pool.retire()
             self.retiring.append(pool)
         else:
-            pool.kill()
+            self._stop(pool.kill, pool)
         self._finish_retiring(wait=False)
 
     def _finish_retiring(self, wait: bool) -> None:
         for pool in list(self.retiring):
             if wait:
-                pool.close(CLOSE_SECONDS)  # already asked to leave: waits for the exit, kills stragglers
+                self._stop(pool.close, pool, CLOSE_SECONDS)  # already asked to leave: waits, kills stragglers
             elif pool.exited:
-                pool.kill()  # reaps and removes the directory
+                self._stop(pool.kill, pool)  # reaps and removes the directory
             else:
                 continue
             self.retiring.remove(pool)
 
     # -- the protocol --------------------------------------------------------------------------
+    def next_in_pool(self, item: pytest.Item, nextitem: pytest.Item | None) -> pytest.Item | None:
+        """The next test the ranks of ``item``'s pool will run, as far as this process knows:
+        the first routed test of the same pool at or after ``nextitem`` in the session's
+        order, None when there is none. The ranks hand it to pytest as ``nextitem``, so a
+        module or session fixture is torn down in the teardown of the last test of its pool
+        that uses it, as pytest would (not later, outside any test). Under xdist the order
+        ahead is only a guess (another worker may run that test); the ranks then catch up
+        at their next test (rank/session.py)."""
+        if nextitem is None:
+            return None
+        order = self._session_order(item.session)
+        start = order.index.get(nextitem.nodeid)
+        if start is None:
+            return nextitem
+        ahead = order.by_pool.get(plan_of(item).pool_key, [])
+        found = bisect.bisect_left(ahead, start)
+        return order.items[ahead[found]] if found < len(ahead) else None
+
+    def _session_order(self, session: pytest.Session) -> _SessionOrder:
+        items = session.items
+        if self._order is None or self._order.items is not items or len(self._order.index) != len(items):
+            by_pool: dict[Any, list[int]] = {}
+            for index, node in enumerate(items):
+                if self.routed(node):
+                    by_pool.setdefault(plan_of(node).pool_key, []).append(index)
+            self._order = _SessionOrder(items, {node.nodeid: i for i, node in enumerate(items)}, by_pool)
+        return self._order
+
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
         if self.routed(item):
-            item.stash[_ROUTED] = _Routed(nextitem)
+            item.stash[_ROUTED] = _Routed(self.next_in_pool(item, nextitem))
         try:
             return (yield)
         finally:
@@ -180,6 +244,7 @@ class RankEngine:
                 # ranks as here. Ranks leave now, so their coverage data is written before
                 # pytest-cov combines it.
                 self.close_pools(kill=bool(self.guard.received))
+                self.report_leave_problems()
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item):
@@ -235,8 +300,7 @@ class RankEngine:
             return placeholder(item, call.when)  # the setup already failed here; nothing else ran
         report = routed.verdict.reports.get(call.when)
         if report is None:
-            headline = f"the ranks sent no {call.when} report"
-            return engine_error(item, headline, []).reports["setup"]
+            return missing_report(item, call.when, f"the ranks sent no {call.when} report")
         return report
 
     def _interrupted_here(self, item: pytest.Item, call: pytest.CallInfo, exc: Interrupted) -> pytest.TestReport:
@@ -277,13 +341,18 @@ class RankEngine:
                 pool, started = self._pool(key, deadline, gpus)
                 request = self._request(item, routed.nextitem, plan.seed)
                 routed.verdict = self._attempt(item, request, pool, deadline, started)
+                # Still holding the lease: a CUDA pool closed or killed here frees its GPUs
+                # before another worker's test is handed them.
+                self._discard_after(key, routed.verdict, plan.fresh)
         except LeaseTimeout as exc:
             routed.verdict = engine_error(item, str(exc), [])
+            self._discard_after(key, routed.verdict, plan.fresh)
         except RankStartError as exc:
             headline = f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]})"
             routed.verdict = engine_error(item, headline, str(exc).splitlines())
-        verdict = routed.verdict
-        if verdict is not None and (not verdict.reusable or plan.fresh):
+
+    def _discard_after(self, key: tuple, verdict: Verdict, fresh: bool) -> None:
+        if not verdict.reusable or fresh:
             why = "fresh ranks asked for" if verdict.reusable else "ranks not reusable"
             self.discard(key, why, graceful=verdict.reusable or verdict.can_retire)
 

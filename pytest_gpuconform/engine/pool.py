@@ -74,7 +74,7 @@ class RankStartError(RuntimeError):
 @dataclass
 class RankHandle:
     rank: int
-    process: Any  # a spawn-context Process
+    process: Any  # a forkserver-context Process (spawn where there is no fork server)
     conn: Any  # multiprocessing.connection.Connection
     log_path: str
     stack_path: str
@@ -102,7 +102,10 @@ class RankPool:
         self.world_size, self.backend, self.device_kind = key
         self.pg_timeout = template.pg_timeout
         self.cuda_visible_devices = cuda_visible_devices  # set for the ranks only (leased GPUs)
-        self.name = f"ws{self.world_size}-{self.backend or 'worker'}-{self.device_kind}-{next(_SERIAL)}"
+        # Unique on the node: xdist workers (and runs) sharing --gpuconform-rank-logs DIR
+        # each number their pools from 1, so the pid keeps their log files apart.
+        serial = f"{os.getpid()}-{next(_SERIAL)}"
+        self.name = f"ws{self.world_size}-{self.backend or 'worker'}-{self.device_kind}-{serial}"
         self.workdir = tempfile.mkdtemp(prefix=f"gpuconform-ws{self.world_size}-")
         self.log_dir = log_dir or self.workdir
         self.tmp_dir = os.path.join(tmp_base, self.name)  # tmp_path bases, kept like pytest's own
@@ -110,6 +113,8 @@ class RankPool:
         self.ranks: list[RankHandle] = []
         self.start_seconds = 0.0
         self._spawned_at = 0.0
+        self._leave_offsets: dict[int, int] | None = None  # log sizes when asked to leave
+        self.leave_problems: list[str] = []  # ranks that failed their session's teardown
 
     @property
     def alive(self) -> bool:
@@ -132,7 +137,7 @@ class RankPool:
             if self.device_kind == "cuda":
                 # NCCL's async error handling, its own log per rank, deterministic cuBLAS:
                 # read by NCCL and cuBLAS at initialisation, so set before the rank starts.
-                rank_environ.update(nccl.rank_environment(rank, self.log_dir, environ))
+                rank_environ.update(nccl.rank_environment(rank, self.log_dir, environ, pool=self.name))
             spec = replace(
                 self.template,
                 identity=RankIdentity(rank, self.world_size, self.backend, self.device_kind),
@@ -269,7 +274,7 @@ class RankPool:
         return stacks
 
     def phase(self, rank: int) -> str:
-        """Where the rank says it is: setup, call, teardown or done (empty: not begun)."""
+        """Where the rank says it is: begin (before setup), setup, call, teardown or done (empty: no test yet)."""
         return read_phase(os.path.join(self.workdir, f"rank{rank}.phase"))
 
     def output(self, rank: int, start: int, end: int | None = None) -> str:
@@ -280,6 +285,7 @@ class RankPool:
         """Ask the ranks to leave without waiting for them: they tear down their session
         (session-scoped fixtures, coverage data) while the run goes on; ``close`` or
         ``kill`` finishes the job."""
+        self._asked_to_leave()
         for handle in self.ranks:
             try:
                 handle.conn.send(CLOSE)
@@ -292,6 +298,7 @@ class RankPool:
 
     def close(self, timeout: float = 10.0) -> None:
         """Ask the ranks to tear down their session and leave; kill whoever does not."""
+        self._asked_to_leave()
         for handle in self.ranks:
             try:
                 handle.conn.send(CLOSE)
@@ -300,11 +307,37 @@ class RankPool:
         stop = time.perf_counter() + timeout
         for handle in self.ranks:
             handle.process.join(max(0.0, stop - time.perf_counter()))
+        for handle in self.ranks:
+            if handle.process.is_alive():
+                self._leave_problem(handle, f"did not leave within {timeout:g} s of being asked to; killed")
         self.kill()
+
+    def _asked_to_leave(self) -> None:
+        if self._leave_offsets is None:
+            self._leave_offsets = {r.rank: logs.size(r.log_path) for r in self.ranks}
+
+    def _leave_problem(self, handle: RankHandle, what: str) -> None:
+        offset = (self._leave_offsets or {}).get(handle.rank, 0)
+        tail = logs.last_lines(logs.read_span(handle.log_path, offset), 40) or "(no output)"
+        self.leave_problems.append(
+            f"{self.name}: rank {handle.rank} {what} while tearing down its session's fixtures\n{tail}"
+        )
+
+    def _check_exits(self) -> None:
+        """Ranks asked to leave must leave cleanly: an exit status other than 0 means their
+        last fixture teardown failed (rank/session.py) or the rank crashed in it."""
+        if self._leave_offsets is None:
+            return
+        for handle in self.ranks:
+            code = handle.process.exitcode
+            if code:
+                self._leave_problem(handle, describe_exit(code))
 
     def kill(self) -> None:
         """SIGKILL every rank and everything below it (a rank blocked in a collective
-        ignores SIGTERM), then remove the pool's directory."""
+        ignores SIGTERM), then remove the pool's directory. Ranks that had been asked to leave
+        and exited badly are noted in ``leave_problems`` first."""
+        self._check_exits()
         alive = [h.pid for h in self.ranks if h.process.is_alive()]
         if alive:
             log.debug("killing ranks of %s: pids %s", self.name, alive)

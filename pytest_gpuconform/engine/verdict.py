@@ -28,13 +28,13 @@ import pytest
 
 from .. import compat
 from ..node import nccl
-from .attempt import RankRun, RunRecord
+from ..reporting.outcomes import first_line
+from .attempt import DIST_FRAME, RankRun, RunRecord
 from .findings import ISOLATION_PROPERTY, strict_headline
 from .logs import crash_lines
 from .pool import describe_exit
 
 PHASES = ("setup", "call", "teardown")
-_DIST_FRAME = re.compile(r'File "[^"]*torch/distributed/[^"]*", line \d+ in (\w+)')
 _TIMEOUT_BANNER = re.compile(r"^\++ Timeout \++$", re.MULTILINE)
 
 
@@ -66,22 +66,13 @@ class _Failure:
 
 
 # -- what each rank did --------------------------------------------------------------------------
-def _message(report) -> str:
-    longrepr = report.longrepr
-    if isinstance(longrepr, tuple) and len(longrepr) == 3:
-        return str(longrepr[2]).removeprefix("Skipped: ")
-    crash = getattr(longrepr, "reprcrash", None)
-    text = crash.message if crash is not None else str(longrepr or "")
-    return (text.strip().splitlines() or [""])[0]
-
-
 def _category(report) -> tuple[str, str]:
     xfail = getattr(report, "wasxfail", None)
     if report.passed:
         return ("xpassed", xfail) if xfail is not None else ("passed", "")
     if report.skipped:
-        return ("xfailed", xfail) if xfail is not None else ("skipped", _message(report))
-    return "failed", _message(report)
+        return ("xfailed", xfail) if xfail is not None else ("skipped", first_line(report))
+    return "failed", first_line(report)
 
 
 def _passed_silently(run: RankRun, when: str) -> bool:
@@ -94,7 +85,7 @@ def _passed_silently(run: RankRun, when: str) -> bool:
 
 
 def _blocked(stack: str) -> str:
-    match = _DIST_FRAME.search(stack)
+    match = DIST_FRAME.search(stack)
     return f"blocked in collective ({match.group(1)})" if match else "still running"
 
 
@@ -153,7 +144,7 @@ def _death(run: RankRun) -> _Failure:
     return _Failure(when, headline, lines=[f"--- rank {run.rank} output (last lines) ---", tail])
 
 
-def _disagreement(record: RunRecord) -> _Failure | None:
+def _disagreement(record: RunRecord, deadline: float) -> _Failure | None:
     for when in PHASES:
         seen = {}
         for run in record.ranks:
@@ -168,7 +159,15 @@ def _disagreement(record: RunRecord) -> _Failure | None:
         kinds = {k for k, _ in seen.values()}
         about = "skipping" if "skipped" in kinds else "xfail"
         statuses = "; ".join(f"rank {run.rank}: {rank_status(run)}" for run in record.ranks)
-        return _Failure(when, f"ranks disagree about {about}: {statuses}")
+        stuck = [str(run.rank) for run in record.ranks if run.stuck]
+        waited = ""
+        if stuck and record.timed_out:
+            waited = f" (waited to the deadline, {deadline:g} s, for ranks {', '.join(stuck)})"
+        elif stuck:
+            waited = (
+                f" (ranks {', '.join(stuck)} cut: blocked in a collective after a peer's {about.removesuffix('ping')})"
+            )
+        return _Failure(when, f"ranks disagree about {about}{waited}: {statuses}")
     return None
 
 
@@ -180,7 +179,7 @@ def _primary(record: RunRecord, context: Context) -> _Failure | None:
     for kind, rank, when in record.events:
         run = record.ranks[rank]
         if kind == "failed":
-            text = _message(run.reports[when])
+            text = first_line(run.reports[when])
             place = "failed" if when == "call" else f"error in {when}"
             return _Failure(when, f"rank {rank} {place}: {text}", native=run.reports[when])
         if kind == "died":
@@ -189,7 +188,7 @@ def _primary(record: RunRecord, context: Context) -> _Failure | None:
             first = (run.error.text.strip().splitlines() or ["failed"])[0]
             when = "setup" if not run.reports else run.phase.replace("after ", "")
             return _Failure(when, first, lines=[run.error.text.rstrip()])
-    disagreement = _disagreement(record)
+    disagreement = _disagreement(record, context.deadline)
     if disagreement is not None:
         return disagreement
     stuck = [run for run in record.ranks if run.stuck]
@@ -314,19 +313,14 @@ def findings_of(record: RunRecord) -> tuple[list[str], bool]:
     return lines, restored
 
 
-def _nccl_hint(record: RunRecord) -> str | None:
-    """NCCL's first warning during the test (a peer gone, a link fault): the reason a
-    collective failed is often only there, not in the Python exception."""
-    for run in record.ranks:
-        warnings = nccl.warn_lines(run.nccl_log)
-        if warnings:
-            return f"rank {run.rank}: NCCL WARN {warnings[0]}"
-    return None
+def _nccl_logs(record: RunRecord) -> dict[int, str]:
+    """What NCCL wrote during the test, per rank (empty for gloo pools)."""
+    return {run.rank: run.nccl_log for run in record.ranks}
 
 
 def fold(item: pytest.Item, record: RunRecord, context: Context) -> Verdict:
     failure = _primary(record, context)
-    hint = _nccl_hint(record) if failure is not None else None
+    hint = nccl.warning_hint(_nccl_logs(record)) if failure is not None else None
     if failure is not None and hint:
         failure.headline = f"{failure.headline} ({hint})"
     _records(item, record)
@@ -338,7 +332,7 @@ def fold(item: pytest.Item, record: RunRecord, context: Context) -> Verdict:
     def sections(when: str) -> list[tuple[str, str]]:
         found = _sections(record, when, PHASES.index(when) >= output_from)
         if failure is not None and failure.when == when:
-            found += [(f"NCCL log [rank {run.rank}]", run.nccl_log) for run in record.ranks if run.nccl_log]
+            found += nccl.log_sections(_nccl_logs(record))
         return found
 
     reports: dict[str, pytest.TestReport] = {}
@@ -384,7 +378,7 @@ def _teardown(item: pytest.Item, record: RunRecord, sections) -> pytest.TestRepo
     for run in record.ranks:
         report = run.reports.get("teardown")
         if report is not None and report.failed:
-            secondary = _Failure("teardown", f"rank {run.rank} error in teardown: {_message(report)}", native=report)
+            secondary = _Failure("teardown", f"rank {run.rank} error in teardown: {first_line(report)}", native=report)
             longrepr = _failure_longrepr(item, secondary, record, Context(deadline=0))
             return _make(item, "teardown", "failed", longrepr, record, sections)
     return _make(item, "teardown", "passed", None, record, sections)
@@ -393,15 +387,19 @@ def _teardown(item: pytest.Item, record: RunRecord, sections) -> pytest.TestRepo
 def engine_error(item: pytest.Item, headline: str, lines: list[str]) -> Verdict:
     """The test could not be run in ranks at all (ranks would not start, GPUs not leased):
     an error of its setup, stated at the test's own location."""
-    longrepr = compat.text_longrepr(
-        str(item.path), (item.location[1] or 0) + 1, headline, [_location_line(item, headline), *lines]
-    )
-    empty = RunRecord([])
     reports = {
-        "setup": _make(item, "setup", "failed", longrepr, empty, []),
-        "teardown": _make(item, "teardown", "passed", None, empty, []),
+        "setup": missing_report(item, "setup", headline, lines),
+        "teardown": _make(item, "teardown", "passed", None, RunRecord([]), []),
     }
     return Verdict(reports, reusable=False, headline=headline)
+
+
+def missing_report(item: pytest.Item, when: str, headline: str, lines: list[str] | None = None) -> pytest.TestReport:
+    """A failed report of phase ``when`` that no rank supplied, stated at the test's location."""
+    longrepr = compat.text_longrepr(
+        str(item.path), (item.location[1] or 0) + 1, headline, [_location_line(item, headline), *(lines or [])]
+    )
+    return _make(item, when, "failed", longrepr, RunRecord([]), [])
 
 
 def placeholder(item: pytest.Item, when: str) -> pytest.TestReport:

@@ -20,11 +20,12 @@ itself must fail a test case. ``HealthWatch`` is that plugin (registered in enab
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 
 from ..node import nvml
+from ..reporting.extra_case import report_extra_case
 from ..xdist_glue import XdistRole
 from . import readings, rules
 
@@ -159,20 +160,5 @@ class HealthWatch:
             except readings.HealthUnavailable as exc:
                 problems = [f"NVML could not be read at the end of the run: {exc}"]
             if problems:
-                _report_extra_case(session.config, CONTROLLER_NODEID, "\n".join(problems))
+                report_extra_case(session.config, CONTROLLER_NODEID, "\n".join(problems))
         return result
-
-
-def _report_extra_case(config: pytest.Config, nodeid: str, failure: str) -> None:
-    """Report a failed test case that no worker ran (the way xdist reports a crashed item)."""
-    location = (nodeid.split("::")[0], None, nodeid.split("::")[-1])
-    config.hook.pytest_runtest_logstart(nodeid=nodeid, location=location)
-    phases: tuple[tuple[Literal["setup", "call", "teardown"], Literal["passed", "failed"], str | None], ...] = (
-        ("setup", "passed", None),
-        ("call", "failed", failure),
-        ("teardown", "passed", None),
-    )
-    for when, outcome, longrepr in phases:
-        report = pytest.TestReport(nodeid, location, {}, outcome, longrepr, when)
-        config.hook.pytest_runtest_logreport(report=report)
-    config.hook.pytest_runtest_logfinish(nodeid=nodeid, location=location)

@@ -22,9 +22,9 @@ functions, for the code that starts ranks (engine/rank, cluster mode) to call:
   ``device_id`` (the rank's GPU), which creates the communicator eagerly (a broken
   NCCL set-up fails at rank start-up, not inside the first test) and binds the group to
   that GPU (no "devices used by this process are currently unknown" guess in barriers).
-* ``failure_sections`` / ``headline_hint``: NCCL's log tail of every rank, for the
-  failure's body, and its first ``NCCL WARN`` line, for the one-line message; ``log_size``
-  taken before a test limits both to what that test added.
+* ``log_sections`` / ``warning_hint``: NCCL's log tail of every rank, for the failure's
+  body, and its first ``NCCL WARN`` line, for the one-line message; ``log_size`` taken
+  before a test and ``log_tail(since=...)`` limit both to what that test added.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
-LOG_NAME = "nccl-rank{rank}.log"
+LOG_NAME = "nccl-rank{rank}.log"  # after the pool's name, when there is one
 WATCHDOG_MARGIN_SECONDS = 30.0
 # Error handling modes that end a rank whose collective timed out (1 tear down and exit,
 # 2 clean up only and raise, 3 exit without clean-up); 0 lets a hang hang.
@@ -45,12 +45,18 @@ TAIL_LINES = 20
 TAIL_BYTES = 64 * 1024
 
 
-def log_path(log_dir: str | os.PathLike, rank: int) -> str:
-    return str(Path(log_dir) / LOG_NAME.format(rank=rank))
+def log_path(log_dir: str | os.PathLike, rank: int, pool: str = "") -> str:
+    """Rank ``rank``'s NCCL log in ``log_dir``; ``pool`` (a name unique on the node) keeps
+    the logs of different pools and processes sharing one directory apart."""
+    name = LOG_NAME.format(rank=rank)
+    return str(Path(log_dir) / (f"{pool}-{name}" if pool else name))
 
 
-def rank_environment(rank: int, log_dir: str | os.PathLike, environ: Mapping[str, str] | None = None) -> dict:
-    """Variables to add to rank ``rank``'s environment before it starts (see the docstring)."""
+def rank_environment(
+    rank: int, log_dir: str | os.PathLike, environ: Mapping[str, str] | None = None, pool: str = ""
+) -> dict:
+    """Variables to add to rank ``rank``'s environment before it starts (see the docstring);
+    ``pool`` names its log file (``log_path``)."""
     from ..checks.numerics import CUBLAS_WORKSPACE_CONFIG, DETERMINISTIC_CUBLAS
 
     environ = os.environ if environ is None else environ
@@ -61,7 +67,7 @@ def rank_environment(rank: int, log_dir: str | os.PathLike, environ: Mapping[str
     if not environ.get("NCCL_DEBUG"):
         env["NCCL_DEBUG"] = "WARN"
     if not environ.get("NCCL_DEBUG_FILE"):
-        env["NCCL_DEBUG_FILE"] = log_path(log_dir, rank)
+        env["NCCL_DEBUG_FILE"] = log_path(log_dir, rank, pool)
     if environ.get("CUBLAS_WORKSPACE_CONFIG") not in DETERMINISTIC_CUBLAS:
         env["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
     return env
@@ -133,24 +139,18 @@ def warn_lines(text: str) -> list[str]:
     return found
 
 
-def failure_sections(
-    paths: Mapping[int, str | os.PathLike], lines: int = TAIL_LINES, since: Mapping[int, int] | None = None
-) -> list[tuple[str, str]]:
-    """(title, text) per rank whose NCCL log has something (after ``since[rank]``), for the
-    failure report."""
-    sections = []
-    for rank in sorted(paths):
-        tail = log_tail(paths[rank], lines, since=(since or {}).get(rank, 0))
-        if tail:
-            sections.append((f"NCCL log of rank {rank} (last {lines} lines of {paths[rank]})", tail))
-    return sections
+def log_sections(texts: Mapping[int, str]) -> list[tuple[str, str]]:
+    """(title, text) per rank, in rank order, for the failure report; ``texts`` maps a rank
+    to what its NCCL log gained during the test (``log_tail`` with ``since``). Ranks whose
+    log gained nothing get no section."""
+    return [(f"NCCL log [rank {rank}]", texts[rank]) for rank in sorted(texts) if texts[rank]]
 
 
-def headline_hint(paths: Mapping[int, str | os.PathLike], since: Mapping[int, int] | None = None) -> str | None:
-    """The first warning of the first rank that warned (after ``since[rank]``), as
-    "rank R: NCCL WARN <message>", for the one-line failure message; None when none did."""
-    for rank in sorted(paths):
-        warnings = warn_lines(log_tail(paths[rank], lines=200, since=(since or {}).get(rank, 0)))
+def warning_hint(texts: Mapping[int, str]) -> str | None:
+    """The first warning of the first rank that warned, as "rank R: NCCL WARN <message>",
+    for the one-line failure message; None when none did. ``texts`` as for ``log_sections``."""
+    for rank in sorted(texts):
+        warnings = warn_lines(texts[rank])
         if warnings:
             return f"rank {rank}: NCCL WARN {warnings[0]}"
     return None

@@ -44,7 +44,8 @@ def skip_reason(report) -> str:
 
 
 def first_line(report) -> str:
-    """The failure's one-line message, as pytest's short summary shows it."""
+    """The failure's (or skip's) one-line message, as pytest's short summary shows it; the
+    engine's rank verdicts (engine/verdict.py) read rank reports with it too."""
     longrepr = getattr(report, "longrepr", None)
     if longrepr is None:
         return ""

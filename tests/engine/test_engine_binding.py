@@ -24,6 +24,7 @@ class FakePool:
     name = "ws2-gloo-cpu-fake"
     device_kind = "cpu"
     world_size = 2
+    leave_problems: list = []
 
     def __init__(self, script, nccl_logs=None) -> None:
         self.script = list(script)
@@ -97,7 +98,7 @@ def test_an_exception_while_waiting_kills_the_pool():
     from pytest_gpuconform.engine.plugin import RankEngine
 
     engine = RankEngine.__new__(RankEngine)
-    engine.pools, engine.retiring = {}, []
+    engine.pools, engine.retiring, engine.leave_problems = {}, [], []
     pool = FakePool([RuntimeError("another plugin's timeout")])
     engine.pools[pool.key] = pool  # type: ignore[assignment]
     item = SimpleNamespace(nodeid="t.py::t")
@@ -109,7 +110,7 @@ def test_an_exception_while_waiting_kills_the_pool():
 def test_a_failure_carries_what_nccl_wrote_during_that_test_only(tmp_path):
     """NCCL's reason for a failed collective is in its own log: the failure names its first
     warning and keeps the rank's log from this test, not what earlier tests wrote."""
-    from pytest_gpuconform.engine.verdict import _nccl_hint
+    from pytest_gpuconform.node import nccl
 
     logs = {0: tmp_path / "nccl-rank0.log", 1: tmp_path / "nccl-rank1.log"}
     logs[1].write_text("h:1:1 [0] NCCL WARN left over from an earlier test\n")
@@ -128,4 +129,7 @@ def test_a_failure_carries_what_nccl_wrote_during_that_test_only(tmp_path):
     record = Attempt(pool, REQUEST, deadline=5, deserialize=deserialize).run()  # type: ignore[arg-type]
     assert record.ranks[1].nccl_log == "h:1:2 [0] NCCL WARN NET/IB : Got completion with error 12, opcode 0"
     assert record.ranks[0].nccl_log == ""
-    assert _nccl_hint(record) == "rank 1: NCCL WARN NET/IB : Got completion with error 12, opcode 0"
+    assert (
+        nccl.warning_hint({r.rank: r.nccl_log for r in record.ranks})
+        == "rank 1: NCCL WARN NET/IB : Got completion with error 12, opcode 0"
+    )

@@ -122,3 +122,53 @@ def test_multi_rank_cuda_test_under_xdist_leases_gpus_instead_of_skipping(
     result.stdout.fnmatch_lines(["*could not start 2 rank(s) (nccl, cuda)*"])
     # leased by UUID (node/pinning.py pins workers by UUID)
     assert sorted(p.name for p in locks.iterdir()) == sorted(f"gpu-{h100(i)['uuid'].lower()}.lock" for i in (0, 1))
+
+
+def test_a_failed_cuda_pool_is_stopped_before_its_gpus_are_released(monkeypatch):
+    """The ranks' CUDA contexts must be gone before the lease lets another worker's test
+    onto the same GPUs: the pool is closed or killed inside the lease, not after it."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from pytest_gpuconform.engine import plugin
+    from pytest_gpuconform.engine.verdict import Verdict
+
+    events = []
+
+    @contextmanager
+    def recording_lease(tokens, timeout):
+        events.append(("leased", tuple(tokens)))
+        yield
+        events.append(("released", tuple(tokens)))
+
+    class Pool:
+        device_kind = "cuda"
+        name = "ws2-nccl-cuda-test"
+        leave_problems: list = []
+
+        def close(self, timeout):
+            events.append(("closed",))
+
+        def kill(self):
+            events.append(("killed",))
+
+    key = (2, "nccl", "cuda")
+    monkeypatch.setattr(plugin, "lease", recording_lease)
+    monkeypatch.setattr(plugin, "gpus_to_lease", lambda k: (["GPU-a", "GPU-b"], "GPU-a,GPU-b"))
+    monkeypatch.setattr(
+        plugin, "plan_of", lambda item: SimpleNamespace(pool_key=key, deadline=10.0, fresh=False, seed=0)
+    )
+    engine = plugin.RankEngine(None, None, None)
+    monkeypatch.setattr(engine, "_request", lambda item, nextitem, seed: None)
+    for verdict, stopped in (
+        (Verdict({}, reusable=False), "killed"),  # a failure: ranks may be stuck
+        (Verdict({}, reusable=False, can_retire=True), "closed"),  # idle: a graceful close
+    ):
+        events.clear()
+        pool = Pool()
+        engine.pools[key] = pool
+        monkeypatch.setattr(engine, "_pool", lambda k, d, g, pool=pool: (pool, None))
+        monkeypatch.setattr(engine, "_attempt", lambda *args, verdict=verdict: verdict)
+        engine._run_in_ranks(object(), plugin._Routed(None))
+        assert events == [("leased", ("GPU-a", "GPU-b")), (stopped,), ("released", ("GPU-a", "GPU-b"))]
+        assert key not in engine.pools

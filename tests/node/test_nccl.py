@@ -85,22 +85,15 @@ def test_log_tail_and_warnings(tmp_path):
     assert nccl.log_tail(big, lines=1, max_bytes=1024) == "last line"  # only the end is read
 
 
-def test_failure_sections_and_headline_name_the_rank(tmp_path):
-    quiet, loud, empty = tmp_path / "r0.log", tmp_path / "r1.log", tmp_path / "r2.log"
-    quiet.write_text("node-a:1:1 [0] NCCL INFO Init COMPLETE\n")
-    loud.write_text(WARN_LOG)
-    empty.write_text("")
-    paths = {2: empty, 1: loud, 0: quiet}
-    sections = nccl.failure_sections(paths, lines=3)
-    assert [title for title, _ in sections] == [
-        f"NCCL log of rank 0 (last 3 lines of {quiet})",
-        f"NCCL log of rank 1 (last 3 lines of {loud})",
-    ]  # rank order; an empty log gets no section
-    assert sections[1][1].splitlines() == WARN_LOG.splitlines()[-3:]
-    assert nccl.headline_hint(paths) == (
+def test_log_sections_and_warning_hint_name_the_rank():
+    texts = {2: "", 1: WARN_LOG, 0: "node-a:1:1 [0] NCCL INFO Init COMPLETE"}
+    sections = nccl.log_sections(texts)
+    assert [title for title, _ in sections] == ["NCCL log [rank 0]", "NCCL log [rank 1]"]  # no section when empty
+    assert sections[1][1] == WARN_LOG
+    assert nccl.warning_hint(texts) == (
         "rank 1: NCCL WARN Cuda failure 'peer access is not supported between these two devices'"
     )
-    assert nccl.headline_hint({0: quiet}) is None
+    assert nccl.warning_hint({0: texts[0]}) is None
 
 
 def test_only_what_this_test_added_is_read(tmp_path):
@@ -108,10 +101,10 @@ def test_only_what_this_test_added_is_read(tmp_path):
     path = tmp_path / "nccl-rank0.log"
     path.write_text("node-a:1:1 [0] misc.cc:1 NCCL WARN an old warning\n")
     start = nccl.log_size(path)
-    assert nccl.headline_hint({0: path}, since={0: start}) is None
+    assert nccl.warning_hint({0: nccl.log_tail(path, since=start)}) is None
     with open(path, "a") as handle:
         handle.write("node-a:1:1 [0] net.cc:9 NCCL WARN NET/IB : Got completion with error 12\n")
-    assert nccl.headline_hint({0: path}, since={0: start}) == "rank 0: NCCL WARN NET/IB : Got completion with error 12"
-    ((_, text),) = nccl.failure_sections({0: path}, since={0: start})
+    text = nccl.log_tail(path, since=start)
+    assert nccl.warning_hint({0: text}) == "rank 0: NCCL WARN NET/IB : Got completion with error 12"
     assert "old warning" not in text and "error 12" in text
     assert nccl.log_size(tmp_path / "missing") == 0

@@ -116,7 +116,7 @@ def main(spec: RankSpec, conn) -> None:
         seconds["process_group"] = time.perf_counter() - started
         import pytest
 
-        from .session import RankOptions, RankSession
+        from .session import TEARDOWN_FAILED, RankOptions, RankSession
 
         session = RankSession(spec, conn, torch, group, seconds)
     except BaseException:
@@ -131,3 +131,5 @@ def main(spec: RankSpec, conn) -> None:
         except Exception:
             traceback.print_exc()
     _save_coverage()
+    if session.teardown_failed:
+        sys.exit(TEARDOWN_FAILED)  # the controller reports it (pool.py, exit_problems)

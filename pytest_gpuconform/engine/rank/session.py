@@ -6,13 +6,16 @@ each ``RunTest`` it finds the item (collect.py), runs pytest's own runtest proto
 (setup, call, teardown: fixtures of every scope resolved here, markers, assertion
 rewriting, capsys/caplog/monkeypatch, xfail, warnings filters, unittest classes), and
 sends pytest's serialised phase reports back, then what the test left behind. Session- and
-module-scoped fixtures live as long as the rank: pytest tears them down when the next test
-no longer needs them, or at the end of the session.
+module-scoped fixtures live as long as the rank: the controller names the next test of the
+same pool, so pytest tears them down in the teardown of the last test of the pool that
+needs them (and reports a failure there). What an inexact hint left up is torn down before
+the next test (a failure is that test's error) or when the pool leaves (a failure ends the
+rank with TEARDOWN_FAILED, which the controller reports as a failed case).
 
 Rank mode differs from a normal session in what would clash with the controller: files the
-controller writes (JUnit, HTML, report logs, the cache) are not written here, the terminal
-prints nothing (the rank's output is the test's output), ``--pdb`` and xdist are off, and
-pytest-rerunfailures is unregistered (the controller reruns the whole multi-rank test).
+controller writes (JUnit, HTML, report logs, JSON reports: CONTROLLER_FILES; the cache) are
+not written here, the terminal prints nothing (the rank's output is the test's output),
+``--pdb`` and xdist are off, and pytest-rerunfailures is unregistered (the controller reruns the whole multi-rank test).
 """
 
 from __future__ import annotations
@@ -32,8 +35,13 @@ from .isolation import TestBoundary
 from .messages import CLOSE, Finding, Finished, RankError, Ready, Rejoined, Reports, RunTest
 from .spec import ATTEMPT_KEY, RANK_SPEC_KEY, RankSpec
 
-# Options of plugins whose output files belong to the controller alone.
+# Options of plugins whose output files belong to the controller alone: JUnit (pytest),
+# pytest-html, pytest-reportlog, pytest-json-report. Only these are cleared in ranks; a
+# plugin that writes another report file from a per-session option would write it once per
+# rank as well (add its option's dest here).
 CONTROLLER_FILES = ("xmlpath", "htmlpath", "report_log", "json_report_file")
+# A rank's exit status when its session's last fixture teardown failed (see _teardown_all).
+TEARDOWN_FAILED = 70
 # Plugins that drive the protocol from the controller and must not drive it again here.
 CONTROLLER_DRIVERS = ("rerunfailures",)
 
@@ -143,6 +151,7 @@ class RankSession:
         self.items: LazyItems | None = None
         self.current: _Current | None = None
         self.ready_sent = False
+        self.teardown_failed = False
         self.config: pytest.Config | None = None
         self._pytest_started = time.perf_counter()
 
@@ -208,6 +217,9 @@ class RankSession:
         """Run one test; False when the rank cannot go on."""
         rank = self.spec.rank
         assert self.items is not None
+        # The previous test's "done" must not stand for this one: a rank that dies from here
+        # until its setup starts has not run this test at all.
+        self.phase.set("begin")
         try:
             item = self.items.find(request.path, request.names)
             nextitem = self.items.next_item(item, request.next_path, request.next_names)
@@ -219,7 +231,12 @@ class RankSession:
             return True
         self.current = _Current(request.seq)
         item.stash[ATTEMPT_KEY] = request.seq
-        findings = self._catch_up(session, item)
+        problem = self._catch_up(session, item)
+        if problem is not None:
+            self.current = None
+            self.conn.send(RankError(request.seq, rank, problem))
+            return True
+        findings: list[Finding] = []
         start = _log_offset()
         self.boundary.begin(request.seed)
         try:
@@ -262,25 +279,35 @@ class RankSession:
         self.conn.send(Rejoined(seq, self.spec.rank))
         return True
 
-    def _catch_up(self, session: pytest.Session, item: pytest.Item) -> list[Finding]:
+    def _catch_up(self, session: pytest.Session, item: pytest.Item) -> str | None:
         """Tear down what earlier tests set up and this one does not share (the controller's
-        hint of the next test is only a hint: another pool may have run it)."""
+        hint of the next test is only a guess under xdist: another worker may have run it).
+        A failure there is this test's setup error, naming what was torn down: no test of
+        this pool is left to carry it, and a fixture checking device health at teardown
+        must not be lost. None when all went well."""
         state = compat.setup_state(session)
         chain = item.listchain()
-        if all(node in chain for node in state.stack):
-            return []
+        leaving = [node for node in state.stack if node not in chain]
+        if not leaving:
+            return None
         try:
             state.teardown_exact(item)
-        except BaseException as exc:  # noqa: B036 - reported, and the rank is replaced
-            text = f"tearing down fixtures of earlier tests raised {type(exc).__name__}"
-            return [Finding("teardown", text, False)]
-        return []
+        except BaseException as exc:  # noqa: B036 - reported as this test's error; the rank is replaced
+            where = ", ".join(node.nodeid or "the session" for node in reversed(leaving))
+            return (
+                f"rank {self.spec.rank}: tearing down the fixtures of earlier tests ({where}) raised "
+                f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            )
+        return None
 
     def _teardown_all(self, session: pytest.Session) -> None:
+        """The session's last teardown, when the pool leaves. A failure is printed to the
+        rank's log and ends the rank with TEARDOWN_FAILED, which the controller reports."""
         try:
             compat.setup_state(session).teardown_exact(None)
-        except BaseException:  # noqa: B036 - the pool is closing; the log keeps it
+        except BaseException:  # noqa: B036 - reported through the exit code and the log
             traceback.print_exc()
+            self.teardown_failed = True
 
     # -- where the rank is -------------------------------------------------------------------
     @pytest.hookimpl(tryfirst=True)
