@@ -100,6 +100,24 @@ class ClusterMode:
             torch.cuda.set_device(self.world.local_rank)
         self._join()
 
+    def _nccl_setup(self) -> dict:
+        """On an NCCL world, what the engine gives its CUDA ranks (node/nccl.py): error
+        handling that ends a hung rank, NCCL's warnings in a per-rank file (in
+        --gpuconform-rank-logs, else the temporary directory), deterministic cuBLAS, and
+        the rank's GPU as ``device_id``. Values the job script exported are kept. Returns
+        the ``init_process_group`` options."""
+        if self.backend != "nccl":
+            return {}
+        import tempfile
+
+        from ..node import nccl
+
+        settings = self.config.stash.get(SETTINGS_KEY, None)
+        log_dir = (settings and settings.rank_logs) or tempfile.gettempdir()
+        env, options = nccl.cluster_rank_setup(self.world.rank, self.world.host, self.device(), log_dir)
+        os.environ.update(env)
+        return options
+
     def device(self):
         import torch
 
@@ -323,7 +341,7 @@ class ClusterMode:
 
         if self.group is None:
             self.group = DefaultGroup(
-                self.store, self.world.rank, self.world.world_size, self.backend, self.timeout + 30
+                self.store, self.world.rank, self.world.world_size, self.backend, self.timeout + 30, self._nccl_setup()
             )
             self.group.join()
             self.group.guard_reinit()

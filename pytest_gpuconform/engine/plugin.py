@@ -304,9 +304,14 @@ class RankEngine:
         return report
 
     def _interrupted_here(self, item: pytest.Item, call: pytest.CallInfo, exc: Interrupted) -> pytest.TestReport:
-        """A test running in the controller when SIGTERM/SIGINT came: reported, then the session stops."""
+        """A test running in the controller when SIGTERM/SIGINT came: reported, then the session
+        stops. An error, not a failure, as for a test in ranks: the test did not finish, so it
+        has no verdict; a report of a phase other than the call is what pytest and its JUnit
+        count as an error."""
         item.session.shouldstop = str(exc)
         report = pytest.TestReport.from_item_and_call(item, call)
+        if report.when == "call":
+            report.when = "setup"
         headline = f"{exc} after {call.duration:.1f} s"
         path, lineno, _ = item.location
         report.longrepr = compat.text_longrepr(

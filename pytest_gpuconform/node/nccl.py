@@ -4,7 +4,8 @@ A rank that uses NCCL can fail in ways a gloo rank cannot: a collective whose pe
 arrives blocks a CUDA stream, not Python; NCCL reports asynchronous errors (a peer that
 died, a NVLink or InfiniBand fault) from a watchdog thread; and its own explanation goes
 to NCCL's log, not to the Python exception. This module holds the decisions, as plain
-functions, for the code that starts ranks (engine/rank, cluster mode) to call:
+functions, for the code that starts ranks: the engine's CUDA pools (engine/pool.py,
+engine/rank/process.py) and cluster mode's NCCL ranks (cluster/plugin.py):
 
 * ``rank_environment``: set before the rank process starts (NCCL and cuBLAS read their
   variables at initialisation). ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` makes the watchdog
@@ -14,14 +15,18 @@ functions, for the code that starts ranks (engine/rank, cluster mode) to call:
   a failure in a per-rank file; ``CUBLAS_WORKSPACE_CONFIG`` lets the bitwise checks use
   deterministic cuBLAS from the first handle on (checks/numerics.py). A value the user set
   is kept, except an error handling mode that would let hangs hang.
-* ``watchdog_timeout``: the process group's timeout. Under the engine the controller's
-  deadline must fire first (it dumps every rank's Python stack and kills the ranks), so
-  the watchdog gets a margin beyond it and is only the backstop; in cluster mode there is
-  no controller and the process group's timeout *is* the deadline.
-* ``process_group_kwargs``: ``init_process_group`` arguments: the timeout, and for NCCL
-  ``device_id`` (the rank's GPU), which creates the communicator eagerly (a broken
-  NCCL set-up fails at rank start-up, not inside the first test) and binds the group to
-  that GPU (no "devices used by this process are currently unknown" guess in barriers).
+* ``group_options``: ``init_process_group`` options: for NCCL ``device_id`` (the rank's
+  GPU), which creates the communicator eagerly (a broken NCCL set-up fails at rank
+  start-up, not inside the first test) and binds the group to that GPU (no "devices used by
+  this process are currently unknown" guess in barriers).
+* ``cluster_rank_setup``: the same environment and options for a rank of a torchrun/srun
+  world, which the launcher started: set in the process itself, before its first
+  communicator, which is early enough for NCCL and for cuBLAS.
+
+The process group's timeout is its owner's: the engine gives it the test's deadline + 60 s
+(the controller's deadline fires first, takes every rank's stack and kills the ranks; the
+group's own timeout is only the backstop); cluster mode gives deadline + 30 s, and its
+watchdog thread (cluster/faults.py) cuts a collective still blocked 0.5 s after the deadline.
 * ``log_sections`` / ``warning_hint``: NCCL's log tail of every rank, for the failure's
   body, and its first ``NCCL WARN`` line, for the one-line message; ``log_size`` taken
   before a test and ``log_tail(since=...)`` limit both to what that test added.
@@ -32,11 +37,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 
 LOG_NAME = "nccl-rank{rank}.log"  # after the pool's name, when there is one
-WATCHDOG_MARGIN_SECONDS = 30.0
 # Error handling modes that end a rank whose collective timed out (1 tear down and exit,
 # 2 clean up only and raise, 3 exit without clean-up); 0 lets a hang hang.
 FAILING_MODES = {"1", "2", "3"}
@@ -82,17 +85,6 @@ def debug_file(environ: Mapping[str, str], pid: int, host: str | None = None) ->
     return template.replace("%h", host or socket.gethostname()).replace("%p", str(pid))
 
 
-def watchdog_timeout(deadline_seconds: float, controller: bool = True) -> timedelta:
-    """Process group timeout for a test deadline (see the module docstring)."""
-    return timedelta(seconds=deadline_seconds + (WATCHDOG_MARGIN_SECONDS if controller else 0.0))
-
-
-def process_group_kwargs(backend: str, deadline_seconds: float, device=None, controller: bool = True) -> dict:
-    """Keyword arguments for ``torch.distributed.init_process_group`` (besides the store,
-    rank and world size)."""
-    return {"timeout": watchdog_timeout(deadline_seconds, controller), **group_options(backend, device)}
-
-
 def group_options(backend: str, device=None) -> dict:
     """``init_process_group`` options besides the timeout: ``device_id`` for NCCL (see the
     module docstring); nothing for gloo."""
@@ -104,6 +96,15 @@ def group_options(backend: str, device=None) -> dict:
         if "device_id" in inspect.signature(dist.init_process_group).parameters:  # torch >= 2.3
             return {"device_id": device}
     return {}
+
+
+def cluster_rank_setup(
+    rank: int, host: str, device, log_dir: str | os.PathLike, environ: Mapping[str, str] | None = None
+) -> tuple[dict, dict]:
+    """(variables to add to this process's environment, ``init_process_group`` options) for
+    NCCL rank ``rank`` of a cluster run on ``host``: the log is
+    ``LOG_DIR/cluster-HOST-nccl-rankR.log`` unless the job set NCCL_DEBUG_FILE."""
+    return rank_environment(rank, log_dir, environ, pool=f"cluster-{host}"), group_options("nccl", device)
 
 
 def log_size(path: str | os.PathLike) -> int:

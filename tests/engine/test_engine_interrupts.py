@@ -92,3 +92,39 @@ def test_signal_mid_test_leaves_a_valid_report(tmp_path, signum):
     # the summary table: area, device, dtype, ws, pass, fail, error, skip
     assert re.search(r"^interrupted\s+cpu\s+-\s+2\s+1\s+0\s+1\s+0\b", text, re.M), text[-2000:]
     assert f"Interrupted: interrupted by {name}" in text
+
+
+IN_THE_CONTROLLER = """
+import time
+
+def test_0_passes():
+    pass
+
+def test_1_runs_until_stopped():
+    open("started", "w").write("yes")
+    time.sleep(600)
+"""
+
+
+def test_sigterm_in_a_controller_test_is_an_error_not_a_failure(tmp_path):
+    write_files(tmp_path, {"test_plain.py": IN_THE_CONTROLLER})
+    command = [sys.executable, "-m", "pytest", "--gpuconform", "-p", "no:cacheprovider", "--junitxml=junit.xml"]
+    with open(tmp_path / "output.txt", "w") as output:
+        run = subprocess.Popen([*command, "test_plain.py"], cwd=tmp_path, stdout=output, stderr=output)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started").exists():
+            assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "output.txt").read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(0.3)
+        run.send_signal(signal.SIGTERM)
+        code = run.wait(timeout=60)
+    text = (tmp_path / "output.txt").read_text()
+    assert code == pytest.ExitCode.INTERRUPTED, text[-3000:]
+    assert schema_errors(tmp_path / "junit.xml") == ""
+    root = ET.parse(tmp_path / "junit.xml").getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    assert (suite.get("tests"), suite.get("errors"), suite.get("failures")) == ("2", "1", "0")
+    (case,) = [c for c in root.iter("testcase") if c.get("name") == "test_1_runs_until_stopped"]
+    error = case.find("error")
+    assert error is not None and case.find("failure") is None, ET.tostring(case)[:800]
+    assert re.search(r"interrupted by SIGTERM after \d+\.\d s", error.get("message")), error.get("message")

@@ -3,8 +3,6 @@ plain dictionaries, NCCL logs are files written here the way NCCL writes them.""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 
 from pytest_gpuconform.node import nccl
@@ -56,19 +54,26 @@ def test_user_debug_settings_are_kept(tmp_path):
     )
 
 
-def test_watchdog_fires_after_the_controller_deadline_or_at_it_in_cluster_mode():
-    assert nccl.watchdog_timeout(120) == timedelta(seconds=150)
-    assert nccl.watchdog_timeout(120, controller=False) == timedelta(seconds=120)
-
-
-def test_process_group_kwargs_bind_nccl_to_the_rank_gpu():
+def test_group_options_bind_nccl_to_the_rank_gpu():
     import torch
 
     device = torch.device("cuda", 3)
-    kwargs = nccl.process_group_kwargs("nccl", 60, device)
-    assert kwargs == {"timeout": timedelta(seconds=90), "device_id": device}  # torch >= 2.3 has device_id
-    assert nccl.process_group_kwargs("gloo", 60, torch.device("cpu")) == {"timeout": timedelta(seconds=90)}
-    assert nccl.process_group_kwargs("nccl", 60, None, controller=False) == {"timeout": timedelta(seconds=60)}
+    assert nccl.group_options("nccl", device) == {"device_id": device}  # torch >= 2.3 has device_id
+    assert nccl.group_options("gloo", torch.device("cpu")) == {}
+    assert nccl.group_options("nccl", None) == {}
+
+
+def test_cluster_rank_setup_names_the_log_by_host_and_keeps_what_the_job_set(tmp_path):
+    import torch
+
+    device = torch.device("cuda", 1)
+    env, options = nccl.cluster_rank_setup(5, "gpu-07", device, tmp_path, environ={})
+    assert env["NCCL_DEBUG_FILE"] == str(tmp_path / "cluster-gpu-07-nccl-rank5.log")
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and env["NCCL_DEBUG"] == "WARN"
+    assert options == {"device_id": device}
+    job = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_FILE": "/shared/nccl.%h.%p", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    env, _ = nccl.cluster_rank_setup(5, "gpu-07", device, tmp_path, environ=job)
+    assert set(env) == {"CUBLAS_WORKSPACE_CONFIG"}
 
 
 def test_log_tail_and_warnings(tmp_path):
