@@ -96,12 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "instead (what the Slurm template puts in the drain reason).",
     )
     verdict.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (raw or merged)")
-    verdict.add_argument(
+    only = verdict.add_mutually_exclusive_group()
+    only.add_argument(
         "--first-failure",
         action="store_true",
         help="print '<host> TAB <check> TAB <reason>' of each failed node (for scripts)",
     )
-    verdict.add_argument(
+    only.add_argument(
         "--kind",
         action="store_true",
         help="print '<host> TAB <kind>' per node, kind one of passed, failed, cpu (passed as a CPU node), "

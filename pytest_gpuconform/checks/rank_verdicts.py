@@ -21,15 +21,20 @@ from .compare import mismatch
 def summarize_problems(problems: Sequence[str], shown: int = 3, kinds: Sequence[str] = ()) -> str | None:
     """One line for ``raise_if_any`` from many problems: the first ``shown`` of them, or with
     ``kinds`` (substrings naming the comparisons a check makes) the first problem of each
-    kind, so that one loud symptom does not hide a second one; then how many more there
-    were. None when there are none."""
+    kind, so that one loud symptom does not hide a second one, and of the problems of no
+    kind the first ``shown``; then how many more there were. None when there are none."""
     if not problems:
         return None
     if kinds:
         first_of_kind: dict[str, str] = {}
+        unkinded: list[str] = []
         for problem in problems:
-            first_of_kind.setdefault(next((kind for kind in kinds if kind in problem), ""), problem)
-        picked = list(first_of_kind.values())
+            kind = next((kind for kind in kinds if kind in problem), None)
+            if kind is None:
+                unkinded.append(problem)
+            else:
+                first_of_kind.setdefault(kind, problem)
+        picked = [problem for problem in problems if problem in first_of_kind.values() or problem in unkinded[:shown]]
     else:
         picked = list(problems[:shown])
     more = len(problems) - len(picked)

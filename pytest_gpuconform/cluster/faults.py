@@ -148,7 +148,16 @@ class ClusterFaults:
         return plan_of(item).placement == CLUSTER
 
     @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item):
+        """The fixtures of a multi-rank test get the deadline too: a fixture waiting in a
+        collective for a peer whose own fixture failed is cut like a body would be."""
+        return (yield from self._watched(item))
+
+    @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item):
+        return (yield from self._watched(item))
+
+    def _watched(self, item: pytest.Item):
         if not self._is_multi_rank(item) or self.watchdog is None:
             return (yield)
         deadline = plan_of(item).deadline
@@ -185,7 +194,7 @@ class ClusterFaults:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call):
         report = yield
-        if report.when != "call" or not report.failed or not self._is_multi_rank(item) or not self.table:
+        if report.when == "teardown" or not report.failed or not self._is_multi_rank(item) or not self.table:
             return report
         cut, self._cut = self._cut, None
         # A peer can be the cause only if communication failed: the watchdog cut a blocked

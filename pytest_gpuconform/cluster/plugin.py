@@ -32,9 +32,10 @@ from .faults import ClusterFaults
 from .world import MERGED_JUNIT_KEY, ClusterWorld, merged_path
 
 _FAILED_HERE = pytest.StashKey[bool]()
-# What a fixture's teardown raises when it fails (pytest.fail's exception is no Exception);
-# KeyboardInterrupt, SystemExit and pytest.exit pass straight through.
-_TEARDOWN_FAILURES = (Exception, pytest.fail.Exception)
+# What ends a run, and so skips the meeting after a teardown; anything else a teardown raises
+# (an exception, pytest.fail/skip, an exception group of several failing finalizers) is
+# that test's error and still meets the other ranks, who are waiting for this one.
+_RUN_ENDERS = (KeyboardInterrupt, SystemExit, pytest.exit.Exception)
 
 
 def _failed_tests(session: pytest.Session) -> int:
@@ -159,8 +160,14 @@ class ClusterMode:
                     + ", ".join(f"host {h} rank {r} ({n})" for h, r, n in self.failed_elsewhere)
                 )
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            elif missing or self.faults.lost:
+                # A rank's results are missing (lost, or its report never came): whatever it
+                # found is unknown, so the cluster did not pass, with or without JUnit files.
+                gone = ", ".join(f"rank {r}" for r in sorted(missing)) or self.faults.lost_text()
+                self._say(f"gpuconform cluster: this rank exits non-zero because results are missing: {gone}")
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
             elif merged is not None and fold.failed(merged):
-                session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a rank's results are missing
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if merged is not None and self.world.rank == 0 and self.xml_template:
             target = self.merged_junit or merged_path(self.xml_template)
             fold.write(merged, target)
@@ -234,9 +241,17 @@ class ClusterMode:
             self.group.setup_done()
 
     @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(self, item):
+        """The same deadline for the fixtures (setup) of a multi-rank test as for its body."""
+        return (yield from self._deadline(item, "in setup "))
+
+    @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item):
         """A deadline for the body: SIGALRM interrupts Python-level hangs with the stack;
         a collective stuck in C is cut by faults.py's watchdog just after the deadline."""
+        return (yield from self._deadline(item, ""))
+
+    def _deadline(self, item, phase: str):
         if not self._is_multi_rank(item):
             return (yield)
         deadline = plan_of(item).deadline
@@ -244,7 +259,7 @@ class ClusterMode:
         def expire(signum, frame):
             stack = "".join(traceback.format_stack(frame))
             pytest.fail(
-                f"timed out after {deadline:g} s on host {self.world.host} rank {self.world.rank} "
+                f"timed out after {deadline:g} s {phase}on host {self.world.host} rank {self.world.rank} "
                 f"(--gpuconform-timeout or world_size(timeout=...)); stack:\n{stack}",
                 pytrace=False,
             )
@@ -278,7 +293,9 @@ class ClusterMode:
         failed_teardown: BaseException | None = None
         try:
             result = yield
-        except _TEARDOWN_FAILURES as exc:
+        except BaseException as exc:
+            if isinstance(exc, _RUN_ENDERS):
+                raise
             failed_teardown, result = exc, None
         if self._is_multi_rank(item) and not self.faults.lost:  # no exchange with a broken world
             failed_here = failed_teardown is not None or bool(item.stash.get(_FAILED_HERE, False))

@@ -27,11 +27,24 @@ from .rank.messages import Finished, RankError, Rejoined, Reports, RunTest
 
 GRACE_SECONDS = 3.0
 # Bad news after which a peer's collective cannot complete. A skip or xfail is not: every
-# rank may take its own time to reach the same skip or xfail, so they wait to the deadline
-# (where a peer blocked in a collective after its partner skipped is cut, verdict.py).
+# rank may take its own time to reach the same skip or xfail, so the others are waited for,
+# to the deadline, unless their stacks show them waiting in a collective (below).
 GRACE_STARTERS = ("failed", "died", "error")
 # A frame of a torch.distributed call in a rank's Python stack (faulthandler's format).
 DIST_FRAME = re.compile(r'File "[^"]*torch/distributed/[^"]*", line \d+ in (\w+)')
+# One thread's part of a faulthandler dump, and a frame line in it (innermost first).
+THREAD_START = re.compile(r"^(?:Current thread|Thread) 0x", re.M)
+FRAME = re.compile(r'File "[^"]*", line \d+ in \w+')
+
+
+def waiting_in_collective(stack: str) -> bool:
+    """Whether the main thread's innermost frame is a torch.distributed call: a rank that sits
+    there, unchanged, is waiting for its peers. A rank merely working through DTensor or
+    FSDP code has torch.distributed frames too, but not the same stack twice. faulthandler
+    lists threads newest first, so the main thread's block is the last one."""
+    starts = [m.start() for m in THREAD_START.finditer(stack)] or [0]
+    innermost = FRAME.search(stack, starts[-1])
+    return innermost is not None and DIST_FRAME.match(innermost.group(0)) is not None
 
 
 @dataclass
@@ -104,7 +117,7 @@ class Attempt:
         self._started = 0.0
         self._bad_at: float | None = None
         self._skip_at: float | None = None  # the first skip or xfail
-        self._blocked: set[int] = set()  # ranks seen blocked in a collective since that skip
+        self._blocked: dict[int, str] = {}  # rank -> its stack, when last seen waiting in a collective
 
     def run(self) -> RunRecord:
         nccl_logs = self.pool.nccl_logs()
@@ -174,20 +187,26 @@ class Attempt:
 
     def _bad(self, kind: str, rank: int, when: str) -> None:
         self.record.events.append((kind, rank, when))
-        if self._bad_at is None and kind in GRACE_STARTERS:
-            self._bad_at = time.perf_counter()
+        if kind in GRACE_STARTERS:
+            if self._bad_at is None:
+                self._bad_at = time.perf_counter()
         elif self._skip_at is None:
             self._skip_at = time.perf_counter()
 
     def _look_for_blocked_peers(self, pending: set[int], now: float) -> None:
-        """After a skip or xfail, every ``grace`` seconds: a peer whose stack shows it in a
-        collective twice in a row waits for a rank that has left the test, and is cut at once
-        (a peer still working locally is left alone, to the deadline)."""
+        """After a skip or xfail, every ``grace`` seconds: a peer seen waiting in a collective
+        with the same stack at two samples in a row waits for a rank that has left the test,
+        and is cut at once (a peer still working, even inside torch.distributed code, is left
+        alone, to the deadline)."""
         self._skip_at = now
-        blocked = {rank for rank, stack in self.pool.dump_stacks(sorted(pending)).items() if DIST_FRAME.search(stack)}
-        if blocked & self._blocked:
+        waiting = {
+            rank: stack
+            for rank, stack in self.pool.dump_stacks(sorted(pending)).items()
+            if waiting_in_collective(stack)
+        }
+        if any(self._blocked.get(rank) == stack for rank, stack in waiting.items()):
             self._bad_at = now - self.grace
-        self._blocked = blocked
+        self._blocked = waiting
 
     def _settle(self) -> None:
         """Stacks of stuck ranks (before anyone kills them), then every rank's output."""

@@ -54,8 +54,11 @@ log = logging.getLogger(__name__)
 
 START_DEADLINE_FLOOR = 120.0  # spawning ranks imports torch; slow shared nodes need a while
 PYTEST_TIMEOUT_MARGIN = 5.0  # past pytest-timeout's own limit, the controller stops waiting
-CLOSE_SECONDS = 10.0
+CLOSE_SECONDS = 30.0  # for ranks to tear down their session (an NCCL teardown, a coverage save) and leave
 LEAVE_NODEID = "gpuconform/engine::ranks_left_cleanly"
+# An xdist worker's leave problems travel to the controller in its workeroutput: xdist lets
+# a worker send reports of the test it is running only (it asserts so).
+LEAVE_OUTPUT_KEY = "gpuconform_leave_problems"
 
 
 class _RanInRanks(pytest.skip.Exception):  # type: ignore[name-defined]
@@ -155,9 +158,24 @@ class RankEngine:
     def report_leave_problems(self) -> None:
         """Ranks that failed their session's last fixture teardown (or did not leave) fail
         the run as a case of their own: no test is left to carry it."""
-        if self.leave_problems:
-            problems, self.leave_problems = self.leave_problems, []
+        if not self.leave_problems:
+            return
+        problems, self.leave_problems = self.leave_problems, []
+        if XdistRole.is_worker(self.config):
+            self.config.workeroutput.setdefault(LEAVE_OUTPUT_KEY, []).extend(problems)  # type: ignore[attr-defined]
+        else:
             report_extra_case(self.config, LEAVE_NODEID, "\n\n".join(problems))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:
+        """The xdist controller: a worker whose ranks did not leave cleanly fails the run
+        with a case of its own, named after the worker."""
+        problems = getattr(node, "workeroutput", {}).get(LEAVE_OUTPUT_KEY)
+        if problems:
+            worker = node.gateway.id
+            report_extra_case(
+                self.config, f"{LEAVE_NODEID}[{worker}]", f"on worker {worker}:\n" + "\n\n".join(problems)
+            )
 
     def close_pools(self, kill: bool = False) -> None:
         for key in list(self.pools):
@@ -350,8 +368,7 @@ class RankEngine:
                 # before another worker's test is handed them.
                 self._discard_after(key, routed.verdict, plan.fresh)
         except LeaseTimeout as exc:
-            routed.verdict = engine_error(item, str(exc), [])
-            self._discard_after(key, routed.verdict, plan.fresh)
+            routed.verdict = engine_error(item, str(exc), [])  # the pool did nothing: kept as it is
         except RankStartError as exc:
             headline = f"could not start {key[0]} rank(s) ({key[1] or 'no process group'}, {key[2]})"
             routed.verdict = engine_error(item, headline, str(exc).splitlines())
@@ -412,7 +429,8 @@ class RankEngine:
         if pool is not None and pool.alive and pool.pg_timeout >= deadline + 60.0 and pool.cuda_visible_devices == gpus:
             return pool, None
         if pool is not None:
-            self.discard(key, "dead, or its process-group timeout is too short for this test")
+            # A live pool leaves gracefully: its ranks tear down the fixtures they kept up.
+            self.discard(key, "dead, or its process-group timeout or GPUs do not suit this test", graceful=pool.alive)
         pool = RankPool(key, self.template(deadline), str(compat.basetemp(self.config)), gpus, self.settings.rank_logs)
         try:
             pool.spawn()

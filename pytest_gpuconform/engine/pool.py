@@ -35,7 +35,7 @@ from .rank import processes
 from .rank.environment import RankIdentity
 from .rank.messages import CLOSE, Ready, RunTest, StartupFailed
 from .rank.process import main
-from .rank.session import read_phase
+from .rank.session import TEARDOWN_FAILED, read_phase
 from .rank.spec import RankSpec
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,18 @@ class RankPool:
         return bool(self.ranks) and all(r.process.is_alive() for r in self.ranks)
 
     # -- start ---------------------------------------------------------------------------------
+    # Every file a rank writes in log_dir carries the pool's name, unique on the node (this
+    # process's pid and its pool counter): pools of other processes sharing
+    # --gpuconform-rank-logs DIR never write to the same file.
+    def log_path(self, rank: int) -> str:
+        return os.path.join(self.log_dir, f"{self.name}-rank{rank}.log")
+
+    def stack_path(self, rank: int) -> str:
+        return os.path.join(self.log_dir, f"{self.name}-rank{rank}.stack")
+
+    def nccl_environment(self, rank: int, environ: dict) -> dict:
+        return nccl.rank_environment(rank, self.log_dir, environ, pool=self.name)
+
     def spawn(self) -> None:
         """Start the rank processes; ``wait_ready`` waits for them to join."""
         context = _context()
@@ -137,13 +149,13 @@ class RankPool:
             if self.device_kind == "cuda":
                 # NCCL's async error handling, its own log per rank, deterministic cuBLAS:
                 # read by NCCL and cuBLAS at initialisation, so set before the rank starts.
-                rank_environ.update(nccl.rank_environment(rank, self.log_dir, environ, pool=self.name))
+                rank_environ.update(self.nccl_environment(rank, environ))
             spec = replace(
                 self.template,
                 identity=RankIdentity(rank, self.world_size, self.backend, self.device_kind),
                 store_path=os.path.join(self.workdir, "store"),
-                log_path=os.path.join(self.log_dir, f"{self.name}-rank{rank}.log"),
-                stack_path=os.path.join(self.log_dir, f"{self.name}-rank{rank}.stack"),
+                log_path=self.log_path(rank),
+                stack_path=self.stack_path(rank),
                 phase_path=os.path.join(self.workdir, f"rank{rank}.phase"),
                 shared_dir=shared,
                 cpu_threads=max(1, (os.cpu_count() or 1) // self.world_size),  # the ranks share the cores
@@ -309,7 +321,10 @@ class RankPool:
             handle.process.join(max(0.0, stop - time.perf_counter()))
         for handle in self.ranks:
             if handle.process.is_alive():
-                self._leave_problem(handle, f"did not leave within {timeout:g} s of being asked to; killed")
+                self._leave_problem(
+                    handle,
+                    f"did not leave within {timeout:g} s of being asked to (its session's fixtures' teardown); killed",
+                )
         self.kill()
 
     def _asked_to_leave(self) -> None:
@@ -319,9 +334,7 @@ class RankPool:
     def _leave_problem(self, handle: RankHandle, what: str) -> None:
         offset = (self._leave_offsets or {}).get(handle.rank, 0)
         tail = logs.last_lines(logs.read_span(handle.log_path, offset), 40) or "(no output)"
-        self.leave_problems.append(
-            f"{self.name}: rank {handle.rank} {what} while tearing down its session's fixtures\n{tail}"
-        )
+        self.leave_problems.append(f"{self.name}: rank {handle.rank} {what}\n{tail}")
 
     def _check_exits(self) -> None:
         """Ranks asked to leave must leave cleanly: an exit status other than 0 means their
@@ -330,8 +343,10 @@ class RankPool:
             return
         for handle in self.ranks:
             code = handle.process.exitcode
-            if code:
-                self._leave_problem(handle, describe_exit(code))
+            if code == TEARDOWN_FAILED:
+                self._leave_problem(handle, f"{describe_exit(code)}: its session's last fixture teardown failed")
+            elif code:
+                self._leave_problem(handle, f"{describe_exit(code)} while leaving (after its last test)")
 
     def kill(self) -> None:
         """SIGKILL every rank and everything below it (a rank blocked in a collective

@@ -103,8 +103,9 @@ def cluster_rank_setup(
 ) -> tuple[dict, dict]:
     """(variables to add to this process's environment, ``init_process_group`` options) for
     NCCL rank ``rank`` of a cluster run on ``host``: the log is
-    ``LOG_DIR/cluster-HOST-nccl-rankR.log`` unless the job set NCCL_DEBUG_FILE."""
-    return rank_environment(rank, log_dir, environ, pool=f"cluster-{host}"), group_options("nccl", device)
+    ``LOG_DIR/cluster-HOST-PID-nccl-rankR.log`` (NCCL puts the pid for ``%p``: two jobs, or
+    two runs, on one host never share a file) unless the job set NCCL_DEBUG_FILE."""
+    return rank_environment(rank, log_dir, environ, pool=f"cluster-{host}-%p"), group_options("nccl", device)
 
 
 def log_size(path: str | os.PathLike) -> int:

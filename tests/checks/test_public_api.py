@@ -82,3 +82,5 @@ def test_summarize_problems_shows_the_first_few_or_one_of_each_kind():
     grads = [f"grad {i} off" for i in range(4)]
     found = checks.summarize_problems([*grads, "rank 1 not bitwise equal"], kinds=("grad", "bitwise"))
     assert found == "grad 0 off; rank 1 not bitwise equal (+3 more)"  # the quiet symptom is not hidden
+    odd = checks.summarize_problems(["x1", "grad 0 off", "x2", "x3", "grad 1 off"], shown=2, kinds=("grad",))
+    assert odd == "x1; grad 0 off; x2 (+2 more)"  # of no kind: the first `shown`, in their order

@@ -35,7 +35,7 @@ def test_nccl_rank_gets_error_handling_its_log_and_its_gpu(tmp_path, clean_nccl_
     options = _rank("nccl", str(tmp_path))._nccl_setup()
     assert options == {"device_id": torch.device("cuda", 1)}  # LOCAL_RANK 1
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
-    assert os.environ["NCCL_DEBUG_FILE"] == str(tmp_path / "cluster-gpu-02-nccl-rank3.log")
+    assert os.environ["NCCL_DEBUG_FILE"] == str(tmp_path / "cluster-gpu-02-%p-nccl-rank3.log")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 

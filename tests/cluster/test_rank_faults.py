@@ -120,3 +120,79 @@ def test_b_every_rank_exits_non_zero_without_junitxml(tmp_path, test):
     passing = next(a for a in agents if "failed" not in a.output().splitlines()[-1:][0])
     assert "gpuconform cluster: this rank exits non-zero because tests failed on host " in passing.output(), output
     assert " rank 1 (1)" in passing.output(), output
+
+
+SETUP_WAITS = """
+import pytest, torch
+import torch.distributed as dist
+
+@pytest.fixture
+def rank0_waits_for_rank1(rank):
+    if rank == 1:
+        raise RuntimeError("fixture setup fails on rank 1 only")
+    dist.all_reduce(torch.ones(1))  # rank 1 never comes: blocked in C inside a fixture
+
+@pytest.mark.world_size(2)
+def test_a_fixture_waits_in_a_collective(rank, rank0_waits_for_rank1):
+    pass
+
+@pytest.mark.world_size(2)
+def test_b_next(rank):
+    t = torch.full((1,), 10.0 * (rank + 1))
+    dist.all_reduce(t)
+    assert t.item() == 30.0, f"got {t.item()}"
+"""
+
+
+def test_a_fixture_blocked_in_a_collective_is_cut_at_the_deadline(tmp_path):
+    """Rank 0's fixture waits in all_reduce for rank 1, whose own fixture failed: the deadline
+    covers setup as it covers the body, so the wait is cut at 3 s + the watchdog's grace
+    (not at the group's timeout, deadline + 30 s), and the next test passes."""
+    (tmp_path / "test_setup_waits.py").write_text(SETUP_WAITS)
+    args = ["test_setup_waits.py", "-k", "cpu", "--gpuconform-timeout", "3"]
+    agents = start_standalone(tmp_path, [*args, "--junitxml", "reports/junit-{host}-r{rank}.xml"], 2, _free_port())
+    agents.wait(120)
+    output = agents.outputs()
+    assert agents[0].returncode == 1, output
+    merged = _cases(next((tmp_path / "reports").glob("junit-cluster.xml")))
+    case = merged["test_b_next[ws2-cpu]"]
+    assert [e for e in case if e.tag in ("failure", "error", "skipped")] == [], ET.tostring(case, encoding="unicode")
+    error = merged["test_a_fixture_waits_in_a_collective[ws2-cpu]"].find("error")
+    assert error is not None
+    text = (error.get("message") or "") + (error.text or "")
+    assert "fixture setup fails on rank 1 only" in text and "timed out after 3 s" in text, text[:3000]
+    assert float(merged["test_a_fixture_waits_in_a_collective[ws2-cpu]"].get("time")) < 20
+
+
+LOST_AFTER_THE_TESTS = """
+import os
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+    if os.environ["RANK"] == "1":
+        os._exit(0)  # every test passed here, then the rank is gone before the exchange
+"""
+
+ALL_PASS = """
+import pytest
+
+@pytest.mark.world_size(2)
+def test_passes(rank):
+    pass
+"""
+
+
+def test_a_rank_lost_after_the_tests_fails_the_survivors_without_junitxml(tmp_path):
+    """No JUnit files, every test passed, then rank 1 vanishes: its results are unknown, so
+    rank 0 must not exit 0."""
+    (tmp_path / "conftest.py").write_text(LOST_AFTER_THE_TESTS)
+    (tmp_path / "test_all_pass.py").write_text(ALL_PASS)
+    agents = start_loopback_agents(
+        ["node0", "node1"], tmp_path, ["test_all_pass.py", "-k", "cpu", "--gpuconform-timeout", "5"], _free_port()
+    )
+    agents.wait(150)
+    output = agents.outputs()
+    line = "gpuconform cluster: this rank exits non-zero because results are missing: rank 1"
+    survivors = [agent for agent in agents if line in agent.output()]
+    assert len(survivors) == 1 and survivors[0].returncode == 1, output

@@ -1,6 +1,7 @@
 """Rank-side fixtures of wider scope are torn down inside the test that used them last, and
 what goes wrong there (an exception, a rank that exits) fails the run at that test."""
 
+import re
 import xml.etree.ElementTree as ET
 
 TEARDOWN_RAISES_A = """
@@ -64,7 +65,7 @@ def test_module_fixture_teardown_error_fails_the_test_that_used_it(run_gpuconfor
     assert result.ret == 1
     message, text = _error_of(_cases(pytester)["test_uses_health[ws2-cpu]"])
     assert "device unhealthy at module teardown" in message + text
-    assert "rank 0" in message
+    assert re.search(r"rank [01] error in teardown", message), message  # whichever rank reported first
 
 
 def test_module_fixture_teardown_error_of_the_last_file_is_not_lost(run_gpuconform, pytester):
@@ -112,8 +113,24 @@ def test_session_teardown_error_of_replaced_ranks_fails_the_run(run_gpuconform, 
     failure = case.find("failure")
     assert failure is not None, ET.tostring(case)[:600]
     text = failure.text or ""
-    assert "rank 0 exited with code 70 while tearing down its session's fixtures" in text
+    assert "rank 0 exited with code 70: its session's last fixture teardown failed" in text
     assert "rank 1 exited with code 70" in text
+    assert "RuntimeError: NCCL unhealthy at session teardown" in text
+
+
+def test_session_teardown_error_under_xdist_fails_the_run_from_the_controller(run_gpuconform, pytester):
+    """Under -n the worker cannot report a case of its own (xdist sends only the running
+    test's reports): the controller reports it, named after the worker, and no worker crashes."""
+    pytester.makepyfile(test_a=SESSION_TEARDOWN_RAISES)
+    result = run_gpuconform("-k", "cpu", "-n", "1", "--junitxml=out.xml")  # one worker runs both tests
+    out = result.stdout.str()
+    assert "INTERNALERROR" not in out and "crashed" not in out, out[-3000:]
+    assert result.ret == 1, out[-3000:]
+    (name,) = [n for n in _cases(pytester) if n.startswith("ranks_left_cleanly[gw")]
+    failure = _cases(pytester)[name].find("failure")
+    assert failure is not None
+    text = failure.text or ""
+    assert "exited with code 70: its session's last fixture teardown failed" in text, text[:2000]
     assert "RuntimeError: NCCL unhealthy at session teardown" in text
 
 

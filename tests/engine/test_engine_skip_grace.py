@@ -1,6 +1,8 @@
 """A skip or xfail on one rank does not cut its slower peers short: every rank may take its
-own time to reach the same skip or xfail. A peer that waits in a collective for a rank that
-skipped is cut at the test's deadline, with a message saying so."""
+own time to reach the same skip or xfail. A peer seen waiting in a collective (the same
+stack, innermost frame in torch.distributed, at two samples 3 s apart) for a rank that
+skipped is cut then; one stuck anywhere else is cut at the test's deadline; each with a
+message saying so."""
 
 import xml.etree.ElementTree as ET
 
@@ -81,3 +83,36 @@ def test_peer_left_behind_by_a_skip_is_cut_with_a_clear_message(run_gpuconform, 
         assert failure.get("message") == message
         assert "--- rank 0 stack ---" in (failure.text or "")
         assert least <= float(cases[name].get("time")) < most, cases[name].get("time")
+
+
+WAITING = """Thread 0x00007f0000000002 (most recent call first):
+  File "/usr/lib/python3.11/threading.py", line 324 in wait
+  File "/site/torch/distributed/elastic/timer.py", line 80 in _watch
+
+Current thread 0x00007f0000000001 (most recent call first):
+  File "/site/torch/distributed/distributed_c10d.py", line 2806 in all_reduce
+  File "/tmp/test_x.py", line 9 in test_waits
+"""
+
+WORKING = """Current thread 0x00007f0000000001 (most recent call first):
+  File "/site/torch/_tensor.py", line 1512 in __torch_function__
+  File "/site/torch/distributed/tensor/_dispatch.py", line 160 in dispatch
+  File "/tmp/test_x.py", line 9 in test_works
+"""
+
+
+SLEEPING_BESIDE_A_DIST_THREAD = """Thread 0x00007f0000000002 (most recent call first):
+  File "/site/torch/distributed/elastic/agent.py", line 50 in _poll
+
+Current thread 0x00007f0000000001 (most recent call first):
+  File "/tmp/test_x.py", line 9 in test_sleeps
+"""
+
+
+def test_waiting_in_collective_reads_the_main_threads_innermost_frame():
+    from pytest_gpuconform.engine.attempt import waiting_in_collective
+
+    assert waiting_in_collective(WAITING)
+    assert not waiting_in_collective(WORKING)  # torch.distributed below, local work on top
+    assert not waiting_in_collective(SLEEPING_BESIDE_A_DIST_THREAD)  # only the main thread counts
+    assert not waiting_in_collective("(no stack: the rank did not answer SIGUSR1)")

@@ -6,15 +6,14 @@ import os
 from types import SimpleNamespace
 
 from pytest_gpuconform.engine.pool import RankPool
-from pytest_gpuconform.node import nccl
 
 
 def _log_files(log_dir: str) -> tuple[str, list[str]]:
     """The files a ws2 NCCL pool's ranks would write in log_dir (its first pool here)."""
     pool = RankPool((2, "nccl", "cuda"), SimpleNamespace(pg_timeout=70.0), log_dir, None, log_dir)  # type: ignore[arg-type]
     try:
-        paths = [os.path.join(log_dir, f"{pool.name}-rank{r}.log") for r in range(2)]
-        paths += [nccl.rank_environment(r, pool.log_dir, {}, pool=pool.name)["NCCL_DEBUG_FILE"] for r in range(2)]
+        paths = [pool.log_path(r) for r in range(2)]  # what spawn() hands each rank
+        paths += [pool.nccl_environment(r, {})["NCCL_DEBUG_FILE"] for r in range(2)]
         return pool.name, paths
     finally:
         pool.kill()

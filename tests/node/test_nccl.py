@@ -68,7 +68,7 @@ def test_cluster_rank_setup_names_the_log_by_host_and_keeps_what_the_job_set(tmp
 
     device = torch.device("cuda", 1)
     env, options = nccl.cluster_rank_setup(5, "gpu-07", device, tmp_path, environ={})
-    assert env["NCCL_DEBUG_FILE"] == str(tmp_path / "cluster-gpu-07-nccl-rank5.log")
+    assert env["NCCL_DEBUG_FILE"] == str(tmp_path / "cluster-gpu-07-%p-nccl-rank5.log")
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and env["NCCL_DEBUG"] == "WARN"
     assert options == {"device_id": device}
     job = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_FILE": "/shared/nccl.%h.%p", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}

@@ -378,10 +378,12 @@ def test_torchrun_script_fails_when_a_rank_is_missing(tmp_path, stand_ins):
 
 
 @pytest.mark.parametrize(
-    "action, failing", [("label", True), ("taint", True), ("taint", False), ("", True), ("label", None)]
+    "action, failing",
+    [("label", True), ("taint", True), ("taint", False), ("", True), ("label", None), ("taint", None)],
 )
 def test_kubernetes_pod_labels_or_taints_its_node_when_asked(tmp_path, stand_ins, action, failing):
-    """failing None: every check passed, none on a GPU: exit 0, but the node is not verified."""
+    """failing None: every check passed, none on a GPU: exit 0, but the node is not verified
+    (labelled and annotated so, never tainted as failed nor cleared)."""
     (script,) = kubernetes_documents()["Job"]["spec"]["template"]["spec"]["containers"][0]["args"]
     reports = tmp_path / "reports"
     reports.mkdir()

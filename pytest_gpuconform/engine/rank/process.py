@@ -132,4 +132,4 @@ def main(spec: RankSpec, conn) -> None:
             traceback.print_exc()
     _save_coverage()
     if session.teardown_failed:
-        sys.exit(TEARDOWN_FAILED)  # the controller reports it (pool.py, exit_problems)
+        sys.exit(TEARDOWN_FAILED)  # the controller reports it (pool.py, _check_exits)
