@@ -46,33 +46,43 @@ def _verdict(args: argparse.Namespace) -> int:
     return 1 if any(result.verdict.kind == "failed" for result in results) else 0
 
 
+BAD_INPUT = " Exit 2 on a missing, empty or corrupt input or an output that cannot be written; nothing is written then."
+
+
+def _files_to_file(commands, name: str, summary: str, description: str, inputs: str, output: tuple[str, str]):
+    """A subcommand that reads JUnit files and writes one file (``-o``)."""
+    parser = commands.add_parser(name, help=summary, description=description + BAD_INPUT)
+    parser.add_argument("files", nargs="+", metavar="FILE", help=inputs)
+    parser.add_argument("-o", "--output", required=True, metavar=output[0], help=output[1])
+    return parser
+
+
 def _add_merge(commands) -> None:
     from .reporting import merge
 
-    parser = commands.add_parser(
+    parser = _files_to_file(
+        commands,
         "merge",
-        help="merge JUnit reports of many nodes / ranks into one (host in suite and classname)",
-        description="Merge per-node / per-rank JUnit XML files into one report in which the same "
-        "test from several nodes stays distinguishable. Exit 2 on a missing, empty or corrupt "
-        "input or an output that cannot be written; nothing is written then.",
+        "merge JUnit reports of many nodes / ranks into one (host in suite and classname)",
+        "Merge per-node / per-rank JUnit XML files into one report in which the same test from "
+        "several nodes stays distinguishable.",
+        "JUnit XML files (pytest --junitxml)",
+        ("OUT", "merged JUnit XML to write"),
     )
-    parser.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (pytest --junitxml)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="merged JUnit XML to write")
     parser.set_defaults(func=lambda args: merge.run(args.files, args.output))
 
 
 def _add_report(commands) -> None:
     from .reporting import html
 
-    parser = commands.add_parser(
+    parser = _files_to_file(
+        commands,
         "report",
-        help="write one self-contained HTML page (verdict, failures by cause, outliers, distributions)",
-        description="Render JUnit XML files (per node, or merged) as one self-contained HTML page. "
-        "Exit 2 on a missing, empty or corrupt input or an output that cannot be written; "
-        "nothing is written then.",
+        "write one self-contained HTML page (verdict, failures by cause, outliers, distributions)",
+        "Render JUnit XML files (per node, or merged) as one self-contained HTML page.",
+        "JUnit XML files (raw or merged)",
+        ("HTML", "page to write"),
     )
-    parser.add_argument("files", nargs="+", metavar="FILE", help="JUnit XML files (raw or merged)")
-    parser.add_argument("-o", "--output", required=True, metavar="HTML", help="page to write")
     parser.add_argument("--title", default="GPU conformance report", help="page title")
     parser.set_defaults(func=lambda args: html.run(args.files, args.output, args.title))
 
