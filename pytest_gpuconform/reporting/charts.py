@@ -74,6 +74,12 @@ def _describe(point: Point) -> str:
     return f"{point.node}: {point.check} {point.measure.describe()}"
 
 
+def _bound_mark(x: float, y: float, bound: float) -> Shape:
+    """The black tick across one row of a chart where a measure's bound lies."""
+    attributes = {"x1": f"{x:.1f}", "x2": f"{x:.1f}", "y1": f"{y:.1f}", "y2": f"{y + ROW:.1f}"}
+    return Shape("line", {**attributes, "stroke": "#000", "stroke-width": "2"}, title=f"bound {number(bound)}")
+
+
 def _text(x: float, y: float, text: str, anchor: str = "start", weight: str = "normal") -> Shape:
     return Shape(
         "text",
@@ -134,21 +140,7 @@ def ratio_chart(points: list[Point]) -> Chart | None:
                 )
             )
             if measure.bound is not None and math.isfinite(measure.bound):
-                bx = x_of(measure.bound)
-                chart.shapes.append(
-                    Shape(
-                        "line",
-                        {
-                            "x1": f"{bx:.1f}",
-                            "x2": f"{bx:.1f}",
-                            "y1": f"{y:.1f}",
-                            "y2": f"{y + ROW:.1f}",
-                            "stroke": "#000",
-                            "stroke-width": "2",
-                        },
-                        title=f"bound {number(measure.bound)}",
-                    )
-                )
+                chart.shapes.append(_bound_mark(x_of(measure.bound), y, measure.bound))
             chart.shapes.append(_text(left + PLOT_WIDTH + 6, y + 11, measure.describe()))
             y += ROW
         y += 4
@@ -216,21 +208,7 @@ def _bound_chart(dtype: str, points: list[Point]) -> Chart:
     for (check, name), group in _grouped(points, lambda p: (p.check, p.measure.name)).items():
         chart.shapes.append(_text(left - 6, y + 11, f"{check} · {name}", anchor="end"))
         for bound in sorted({p.measure.bound for p in group}):
-            bx = x_of(bound)
-            chart.shapes.append(
-                Shape(
-                    "line",
-                    {
-                        "x1": f"{bx:.1f}",
-                        "x2": f"{bx:.1f}",
-                        "y1": f"{y:.1f}",
-                        "y2": f"{y + ROW:.1f}",
-                        "stroke": "#000",
-                        "stroke-width": "2",
-                    },
-                    title=f"bound {number(bound)}",
-                )
-            )
+            chart.shapes.append(_bound_mark(x_of(bound), y, bound))
         for point in group:
             measure = point.measure
             zero = measure.value == 0
