@@ -83,6 +83,7 @@ class ClusterMode:
         self._multi_rank_test: str | None = None
         self._boundary_open = False  # begun for a multi-rank test and not yet ended
         self.failed_elsewhere: list[tuple[str, int, int]] = []  # (host, rank, failed tests) of the others
+        self._sigterm_installed = False
         settings = config.stash.get(SETTINGS_KEY, None)
         self.strict_isolation = bool(settings and settings.strict_isolation)
         # hangs in C, lost hosts and partitions: faults.py
@@ -99,7 +100,30 @@ class ClusterMode:
             import torch
 
             torch.cuda.set_device(self.world.local_rank)
+        self._install_soft_sigterm(session)
         self._join()
+
+    def _install_soft_sigterm(self, session: pytest.Session) -> None:
+        """torchrun's agent sends its rank SIGTERM as soon as it loses the rendezvous store
+        (the store's host died), often while the rank is still failing the test in flight
+        for that very reason; schedulers send it at a time limit. Python's default would end
+        the rank at once, without its JUnit file. Here the first SIGTERM lets the test in
+        flight finish (its deadline bounds it) and stops the session after it, every report
+        written (exit code 2); a second one stops at once. The agent waits 30 s before it
+        kills."""
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+
+        def stop_after_this_test(signum, frame):
+            if session.shouldstop:
+                raise KeyboardInterrupt("interrupted by a second SIGTERM")
+            session.shouldstop = f"interrupted by SIGTERM on host {self.world.host} rank {self.world.rank}"
+
+        try:
+            signal.signal(signal.SIGTERM, stop_after_this_test)
+        except ValueError:  # not the main thread: leave the default
+            return
+        self._sigterm_installed = True
 
     def _nccl_setup(self) -> dict:
         """On an NCCL world, what the engine gives its CUDA ranks (node/nccl.py): error
@@ -179,6 +203,8 @@ class ClusterMode:
             reporter.write_line(line)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self._sigterm_installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         import torch.distributed as dist
 
         if dist.is_initialized():

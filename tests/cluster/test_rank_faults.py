@@ -164,35 +164,81 @@ def test_a_fixture_blocked_in_a_collective_is_cut_at_the_deadline(tmp_path):
     assert float(merged["test_a_fixture_waits_in_a_collective[ws2-cpu]"].get("time")) < 20
 
 
-LOST_AFTER_THE_TESTS = """
-import os
-import pytest
+def test_a_rank_lost_after_the_tests_fails_the_survivors_without_junitxml():
+    """No JUnit files, every test passed here, and rank 1 is gone by the final exchange: its
+    results are unknown, so this rank must not exit 0. (Driven without launching a world:
+    a rank that vanishes after its last test leaves torchrun's surviving agent waiting at
+    its exit barrier for minutes.)"""
+    from types import SimpleNamespace
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session):
-    if os.environ["RANK"] == "1":
-        os._exit(0)  # every test passed here, then the rank is gone before the exchange
-"""
+    from pytest_gpuconform.cluster.plugin import ClusterMode
+    from pytest_gpuconform.cluster.world import ClusterWorld
 
-ALL_PASS = """
+    said: list[str] = []
+    mode = object.__new__(ClusterMode)
+    mode.world = ClusterWorld("torchrun", 0, 2, 0, "node0")
+    mode.xml_template = None
+    mode.merged_junit = None
+    mode.failed_elsewhere = []
+    reporter = SimpleNamespace(write_line=said.append)
+    mode.config = SimpleNamespace(
+        option=SimpleNamespace(xmlpath=None), pluginmanager=SimpleNamespace(get_plugin=lambda name: reporter)
+    )
+    lost = {1: "nothing listens on its liveness port any more"}
+    mode.faults = SimpleNamespace(
+        reports=lambda gather, own_xml: ([("node0", 0, "")], dict(lost)), lost=lost, lost_text=lambda: "rank 1 lost"
+    )
+    session = SimpleNamespace(exitstatus=pytest.ExitCode.OK)
+    mode.pytest_sessionfinish(session)
+    assert session.exitstatus == pytest.ExitCode.TESTS_FAILED
+    assert said == ["gpuconform cluster: this rank exits non-zero because results are missing: rank 1"]
+
+
+SIGTERMED = """
+import os, time
 import pytest
+import torch, torch.distributed as dist
 
 @pytest.mark.world_size(2)
-def test_passes(rank):
+def test_a_in_flight(rank):
+    open(f"started{rank}", "w").write(str(os.getpid()))
+    time.sleep(4)  # SIGTERM arrives here
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == 2.0
+
+@pytest.mark.world_size(2)
+def test_b_never_starts(rank):
     pass
 """
 
 
-def test_a_rank_lost_after_the_tests_fails_the_survivors_without_junitxml(tmp_path):
-    """No JUnit files, every test passed, then rank 1 vanishes: its results are unknown, so
-    rank 0 must not exit 0."""
-    (tmp_path / "conftest.py").write_text(LOST_AFTER_THE_TESTS)
-    (tmp_path / "test_all_pass.py").write_text(ALL_PASS)
-    agents = start_loopback_agents(
-        ["node0", "node1"], tmp_path, ["test_all_pass.py", "-k", "cpu", "--gpuconform-timeout", "5"], _free_port()
-    )
-    agents.wait(150)
+def test_sigterm_lets_the_test_in_flight_finish_and_every_report_be_written(tmp_path):
+    """What torchrun's agent does when it loses its store, or a scheduler at a time limit:
+    SIGTERM to every rank mid-test. The test in flight finishes, the session stops after
+    it, and every rank's JUnit (and the merged file) is written; exit code 2."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "test_sigterm.py").write_text(SIGTERMED)
+    args = ["test_sigterm.py", "-k", "cpu", "--junitxml", "reports/junit-{host}-r{rank}.xml"]
+    agents = start_standalone(tmp_path, args, 2, _free_port())
+    started = [tmp_path / "started0", tmp_path / "started1"]
+    deadline = time.monotonic() + 120
+    while not all(path.exists() and path.read_text() for path in started):
+        assert time.monotonic() < deadline, agents.outputs()
+        time.sleep(0.1)
+    for path in started:
+        os.kill(int(path.read_text()), signal.SIGTERM)
+    agents.wait(120)
     output = agents.outputs()
-    line = "gpuconform cluster: this rank exits non-zero because results are missing: rank 1"
-    survivors = [agent for agent in agents if line in agent.output()]
-    assert len(survivors) == 1 and survivors[0].returncode == 1, output
+    assert agents[0].returncode not in (0, None), output
+    for junit in sorted((tmp_path / "reports").glob("junit-*-r*.xml")):
+        cases = _cases(junit)
+        assert set(cases) == {"test_a_in_flight[ws2-cpu]"}, (junit.name, set(cases), output)
+        assert [e.tag for e in cases["test_a_in_flight[ws2-cpu]"]] == [] or all(
+            e.tag in ("properties", "system-out", "system-err") for e in cases["test_a_in_flight[ws2-cpu]"]
+        ), output
+    assert len(list((tmp_path / "reports").glob("junit-*-r*.xml"))) == 2, output
+    assert "interrupted by SIGTERM" in output, output
